@@ -1,0 +1,85 @@
+"""``tpsurgery.apply``: a recipe plus whatever model object a researcher holds -> an :class:`Embedder`.
+
+>>> import tpsurgery
+>>> from tpsurgery.testing import tiny_model
+>>> model, tok = tiny_model("gpt2")
+>>> tpsurgery.apply(model, "recipes/smollm2-prompteol.yaml", tokenizer=tok).plan.exit_layer
+2
+>>> tpsurgery.apply(42, "recipes/prompteol.yaml")
+Traceback (most recent call last):
+...
+tpsurgery.errors.ModelError: cannot apply a recipe to int. Accepted: a transformers causal LM (PreTrainedModel), an nnsight NNsight/TransformersModel wrapping one, a model name or path (Hugging Face id, local folder, .gguf file, or 'smollm2-135m')
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .embedder import Embedder
+from .errors import ModelError
+from .models import DEFAULT_MODEL, load_model
+from .recipe import Recipe, load_recipe, parse_recipe
+
+BACKENDS = ("nnsight",)
+ACCEPTED = (
+    "a transformers causal LM (PreTrainedModel), an nnsight NNsight/TransformersModel wrapping one, "
+    f"a model name or path (Hugging Face id, local folder, .gguf file, or {DEFAULT_MODEL!r})"
+)
+
+
+def as_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
+    """A Recipe from a Recipe, a mapping, a YAML file path, a shipped recipe name, or YAML text."""
+    if isinstance(recipe, (Recipe, dict)):
+        return parse_recipe(recipe)
+    text = str(recipe)
+    if "\n" not in text and (Path(text).suffix in (".yaml", ".yml", ".json") or ":" not in text):
+        return load_recipe(text)
+    return parse_recipe(text)
+
+
+def _tokenizer_for(model: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not name:
+        raise ModelError("cannot find a tokenizer for this model (it has no name_or_path): pass tokenizer=")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r} ({exc}): pass tokenizer=") from exc
+
+
+def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, nnsight_envoy_or_None)`` from any accepted model object."""
+    from transformers import PreTrainedModel
+
+    envoy = None
+    if isinstance(model, (str, os.PathLike)):
+        model, loaded_tok = load_model(model)
+        tokenizer = tokenizer or loaded_tok
+    elif not isinstance(model, PreTrainedModel):
+        inner = getattr(model, "_module", None)
+        if inner is not None and isinstance(inner, PreTrainedModel) and type(model).__module__.startswith("nnsight"):
+            envoy, model = model, inner
+            tokenizer = tokenizer or getattr(envoy, "tokenizer", None)
+        else:
+            raise ModelError(f"cannot apply a recipe to {type(model).__name__}. Accepted: {ACCEPTED}")
+    if tokenizer is None:
+        tokenizer = _tokenizer_for(model)
+    return model, tokenizer, envoy
+
+
+def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: Any = None,
+          backend: str = "nnsight") -> Embedder:
+    """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. The model is never modified."""
+    recipe = as_recipe(recipe)
+    hf_model, tokenizer, envoy = resolve_model(model, tokenizer)
+    if backend == "nnsight":
+        from .backends.nnsight_backend import NNsightBackend
+
+        engine = NNsightBackend(hf_model, envoy=envoy)
+    else:
+        raise ModelError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec)

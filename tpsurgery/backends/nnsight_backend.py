@@ -1,0 +1,92 @@
+"""The nnsight backend: one ``trace`` per batch runs a plan with fixed code.
+
+The trace body below is the whole engine: write placeholder initial vectors into the embedding output, overwrite the
+placeholder rows of scheduled layers' inputs, read the exit layer, then ``tracer.stop()`` so that later layers, the
+final norm (unless it is the exit) and the LM head never run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..arch import ArchSpec, arch_for, get_path
+from ..errors import BackendError, TpsurgeryError
+from ..plan import Batch, Plan
+from .pooling import pool
+
+
+def overwrite_placeholders(h: torch.Tensor, plan: Plan, batch: Batch) -> torch.Tensor:
+    """A copy of ``h`` ([B, L, d]) whose placeholder rows hold the source row (or the alpha mix)."""
+    h = h.clone()
+    rows = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
+    ph = batch.placeholders.to(h.device)
+    src = h[rows[:, 0], batch.source.to(h.device)].unsqueeze(1).clone()
+    if plan.alpha != 1.0:
+        src = plan.alpha * src + (1.0 - plan.alpha) * h[rows, ph]
+    h[rows, ph] = src.expand(-1, ph.shape[1], -1).to(h.dtype)
+    return h
+
+
+def write_initial(e: torch.Tensor, plan: Plan, batch: Batch) -> torch.Tensor:
+    """A copy of the embedding output ``e`` whose placeholder rows hold the plan's initial vector."""
+    e = e.clone()
+    rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
+    e[rows, batch.placeholders.to(e.device)] = plan.init_vector.to(e.device, e.dtype)
+    return e
+
+
+class NNsightBackend:
+    """Runs plans through ``nnsight.NNsight`` wrapped around an unmodified transformers model."""
+
+    name = "nnsight"
+
+    def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None):
+        import nnsight
+
+        self.model = model
+        self.spec = spec or arch_for(model)
+        self.envoy = envoy if envoy is not None else nnsight.NNsight(model)
+        self.n_layers = len(get_path(model, self.spec.layers))
+
+    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        kwargs = dict(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device) if attention_masks is None else attention_masks,
+            position_ids=batch.position_ids.to(device),
+            use_cache=False,
+        )
+        try:
+            return self._trace(plan, batch, all_layers, kwargs)
+        except TpsurgeryError:
+            raise
+        except Exception as exc:  # nnsight re-raises model errors from its worker; add context
+            raise BackendError(f"nnsight backend failed on a batch of {batch.size}: {type(exc).__name__}: {exc}") from exc
+
+    def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict) -> torch.Tensor:
+        layers = get_path(self.envoy, self.spec.layers)
+        embed = get_path(self.envoy, self.spec.embed)
+        norm = get_path(self.envoy, self.spec.norm)
+        tuple_out = self.spec.tuple_output
+        has_ph = batch.placeholders.shape[1] > 0
+        m = plan.exit_layer
+        reads = []
+        with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
+            if has_ph and plan.init_vector is not None:
+                embed.output = write_initial(embed.output, plan, batch)
+            for i in range(plan.layers_run):
+                if all_layers and i == 0:
+                    reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
+                if has_ph and i in plan.tp_layers:
+                    layers[i].input = overwrite_placeholders(layers[i].input, plan, batch)
+                if all_layers and i < m - 1 or (i == m - 1 and m < plan.n_layers):
+                    out = layers[i].output[0] if tuple_out else layers[i].output
+                    reads.append(pool(out, plan.pooling, batch.text_mask).save())
+            if m == 0 and not all_layers:
+                reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
+            elif m == plan.n_layers:
+                reads.append(pool(norm.output, plan.pooling, batch.text_mask).save())
+            tracer.stop()
+        return torch.stack(reads, 1) if all_layers else reads[-1]

@@ -1,0 +1,178 @@
+"""The embedder: batching, pooling, early exit and sentence-transformers style ``encode``.
+
+>>> from tpsurgery.testing import tiny_model
+>>> import tpsurgery
+>>> model, tok = tiny_model("llama")
+>>> emb = tpsurgery.apply(model, "prompt: 'This sentence : <PST> \\"{text}\\" means'\\ntp: {start: 1, stop: 2}\\nexit_layer: 2", tokenizer=tok)
+>>> emb.encode(["a b", "c d e"]).shape, emb.encode("a b").shape
+((2, 32), (32,))
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .arch import ArchSpec, arch_for, get_path
+from .errors import InputError, RecipeError
+from .plan import Batch, Plan, collate, compile_plan
+from .prompts import Encoded, encode_prompts
+from .recipe import Recipe
+
+
+def _max_length(model: Any, tokenizer: Any) -> int | None:
+    cfg = model.config
+    limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    limits.append(tok_limit if tok_limit and tok_limit < 10**7 else None)
+    limits = [x for x in limits if isinstance(x, int) and x > 0]
+    return min(limits) if limits else None
+
+
+def _placeholder_id(recipe: Recipe, tokenizer: Any, vocab_size: int) -> int:
+    p = recipe.placeholder
+    if p.token is not None:
+        ids = tokenizer(p.token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise RecipeError("placeholder.token", f"{p.token!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        return ids[0]
+    if p.token_id >= vocab_size:
+        raise RecipeError("placeholder.token_id", f"{p.token_id} is outside the vocabulary (size {vocab_size})")
+    return p.token_id
+
+
+class Embedder:
+    """A recipe applied to a model: ``encode`` texts into embeddings; ``explain`` what the recipe does to one text."""
+
+    def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Any, spec: ArchSpec | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+        self.backend = backend
+        self.spec = spec or arch_for(model)
+        self.n_layers = len(get_path(model, self.spec.layers))
+        hidden = get_path(model, self.spec.embed).weight.shape[1]
+        vocab = get_path(model, self.spec.embed).weight.shape[0]
+        self.placeholder_id = _placeholder_id(recipe, tokenizer, vocab)
+        self.plan: Plan = compile_plan(recipe, self.n_layers, hidden, self.placeholder_id)
+        self.max_length = _max_length(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None and pad < vocab else 0
+
+    # -- tokenization -------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], template: str) -> list[Encoded]:
+        """Encode texts inside one of the recipe's templates (placeholders spliced in, long texts truncated)."""
+        return encode_prompts(
+            self.tokenizer, template, texts, self.placeholder_id,
+            preprocess=self.recipe.preprocessing, max_length=self.max_length, compat=self.recipe.compat,
+        )
+
+    def batches(self, rows: Sequence[Encoded], batch_size: int):
+        """Yield ``(indices, Batch)`` in descending length order (less padding); indices restore the order."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+        for k in range(0, len(order), batch_size):
+            idx = order[k: k + batch_size]
+            yield idx, collate([rows[i] for i in idx], self.pad_id, self.plan.source, indices=idx)
+
+    # -- encode ---------------------------------------------------------------------------------------------------
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        normalize_embeddings: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        all_layers: bool = False,
+        plan: Plan | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed one text (1-D result) or a list (``[n, d]``); float32 whatever the model's dtype.
+
+        ``all_layers=True`` returns ``[n, M + 1, d]``: the pooled ``hidden_states[0..M]`` of one pass (M = exit
+        layer), for exit-layer sweeps. Duplicate texts are embedded once; batches are length-sorted.
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(self._check_texts(sentences))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+        plan = plan or self.plan
+        if not texts:
+            d = get_path(self.model, self.spec.embed).weight.shape[1]
+            out = torch.zeros((0, plan.exit_layer + 1, d) if all_layers else (0, d))
+        else:
+            unique = list(dict.fromkeys(texts))
+            where = {t: i for i, t in enumerate(unique)}
+            per_template = [self._encode_unique(unique, t, batch_size, show_progress_bar, all_layers, plan)
+                            for t in self.recipe.templates]
+            out = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
+            out = out[torch.tensor([where[t] for t in texts])]
+        if normalize_embeddings:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        if single:
+            out = out[0]
+        if convert_to_tensor or not convert_to_numpy:
+            return out
+        return out.numpy()
+
+    @staticmethod
+    def _check_texts(sentences: Any) -> list[str]:
+        if isinstance(sentences, (bytes, dict)) or not hasattr(sentences, "__iter__"):
+            raise InputError(None, f"sentences must be a str or a list of str, got {type(sentences).__name__}")
+        texts = list(sentences)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(i, f"expected a str, got {type(t).__name__}")
+        return texts
+
+    def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan) -> torch.Tensor:
+        rows = self.tokenize(texts, template)
+        d = get_path(self.model, self.spec.embed).weight.shape[1]
+        shape = (len(texts), plan.exit_layer + 1, d) if all_layers else (len(texts), d)
+        out = torch.empty(shape, dtype=torch.float32)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="encode", unit="text")
+        for idx, batch in self.batches(rows, batch_size):
+            if plan.pooling == "mean":
+                empty = (batch.text_mask.sum(1) == 0).nonzero()
+                if len(empty):
+                    raise InputError(idx[int(empty[0, 0])], "mean pooling needs at least one sentence token")
+            out[torch.tensor(idx)] = self.backend.run(plan, batch, all_layers=all_layers).cpu()
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        return out
+
+    # -- explain ------------------------------------------------------------------------------------------------
+    def explain(self, text: str) -> str:
+        """The token sequence with placeholders marked, their positions, the layer schedule and the exit layer."""
+        lines = [f"recipe: {self.recipe.name or '(unnamed)'}  [{self.recipe.hash()}]",
+                 f"model: {type(self.model).__name__}, {self.n_layers} decoder layers, backend {self.backend.name}"]
+        for k, template in enumerate(self.recipe.templates):
+            row = self.tokenize([text], template)[0]
+            toks = self.tokenizer.convert_ids_to_tokens(list(row.ids))
+            shown = []
+            for i, t in enumerate(toks):
+                t = f"[<PST>#{i}]" if i in row.placeholders else t
+                if i == row.text_span[0]:
+                    shown.append("{")
+                shown.append(t)
+                if i == row.text_span[1] - 1:
+                    shown.append("}")
+            lines.append(f"template {k}: {len(row.ids)} tokens{' (truncated)' if row.truncated else ''}")
+            lines.append("  " + " ".join(shown))
+            lines.append(f"  placeholder positions: {list(row.placeholders)} (token id {self.placeholder_id}); "
+                         f"sentence tokens: [{row.text_span[0]}, {row.text_span[1]}); source: position "
+                         f"{len(row.ids) + self.plan.source}")
+        init = self.recipe.placeholder.init
+        lines.append(f"placeholder init: {init}" + (f" (embedding row of token {self.placeholder_id})" if init == "token" else ""))
+        lines.append(self.plan.describe())
+        lines.append(f"pooling: {self.plan.pooling}")
+        return "\n".join(lines)

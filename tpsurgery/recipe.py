@@ -1,0 +1,270 @@
+"""Recipes: the declarative, immutable description of one embedding method.
+
+>>> from tpsurgery.recipe import Recipe, dump_recipe, parse_recipe
+>>> r = parse_recipe('''
+... prompt: 'This sentence : <PST> "{text}" means in one word:"'
+... tp: {start: 1, stop: 2}
+... exit_layer: 28
+... ''')
+>>> r.tp.spans[0].start, r.tp.spans[0].stop, r.exit_layer, r.pooling
+(1, 2, 28, 'last')
+>>> parse_recipe(dump_recipe(r)) == r
+True
+
+Semantics (see docs/recipes.md for the full reference):
+
+* ``prompt``: a template with one or more ``{text}`` slots and zero or more ``<PST>`` markers; a list of templates
+  averages their embeddings (MetaEOL); ``null`` means the bare sentence. The token sequence is the tokenization of the
+  template with every marker (and one space after it) removed, with one placeholder token inserted at each marker's
+  token boundary (before the token that holds the character after the marker).
+* ``tp.spans``: 0-based half-open spans ``[start, stop)`` of decoder layers; before each such layer the placeholder rows
+  of the layer input are overwritten by the source row (``tp.source``, negative index from the end; -1 = last token).
+  ``tp.resume: R`` turns TP back on from layer R up to the exit layer (Table 16 of the paper).
+* ``exit_layer: M`` reads what Hugging Face calls ``hidden_states[M]``: 0 is the embedding output, M the output of the
+  M-th decoder layer, and ``n_layers`` the final-norm output. Negative values count from the end like Python indexing
+  of that tuple (-1 = final-norm output, -3 = output of decoder layer n_layers-2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+PLACEHOLDER_MARKER = "<PST>"
+TEXT_SLOT = "{text}"
+MAX_RECIPE_BYTES = 1_000_000
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class Span(_Frozen):
+    """Half-open span ``[start, stop)`` of 0-based decoder-layer indices."""
+
+    start: Annotated[int, Field(ge=0)]
+    stop: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Span":
+        if self.stop <= self.start:
+            raise ValueError(f"stop must be greater than start (got start={self.start}, stop={self.stop})")
+        return self
+
+
+class TPSchedule(_Frozen):
+    """When and how the placeholder rows are overwritten.
+
+    Accepts the shorthand ``{start: a, stop: b}`` (one span) or a list of spans as ``tp``.
+    """
+
+    spans: tuple[Span, ...] = ()
+    resume: Annotated[int, Field(ge=0)] | None = None
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    source: Annotated[int, Field(le=-1)] = -1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            return {"spans": list(data)}
+        if isinstance(data, dict) and ("start" in data or "stop" in data):
+            data = dict(data)
+            span = {k: data.pop(k) for k in ("start", "stop") if k in data}
+            if "spans" in data:
+                raise ValueError("give either start/stop or spans, not both")
+            data["spans"] = [span]
+        return data
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "TPSchedule":
+        ordered = sorted(self.spans, key=lambda s: s.start)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.start < a.stop:
+                raise ValueError(f"spans overlap: [{a.start}, {a.stop}) and [{b.start}, {b.stop})")
+        if self.resume is not None and ordered and self.resume < ordered[-1].stop:
+            raise ValueError(f"resume ({self.resume}) must not come before the end of the last span ({ordered[-1].stop})")
+        return self
+
+    @property
+    def empty(self) -> bool:
+        return not self.spans and self.resume is None
+
+
+class Placeholder(_Frozen):
+    """The placeholder token: which existing token id carries it and what vector it starts from.
+
+    ``init``: ``token`` (the embedding row of ``token_id``, or of ``token`` text that is a single token), ``zeros``,
+    ``ones``, ``uniform`` (U[0, 1)), ``gaussian`` (N(mean, std) from ``seed``). ``mask_first_layer``: no other token
+    attends to the placeholder in decoder layer 0 (Table 15 of the paper).
+    """
+
+    init: Literal["token", "zeros", "ones", "uniform", "gaussian"] = "token"
+    token_id: Annotated[int, Field(ge=0)] = 0
+    token: str | None = None
+    seed: int = 0
+    mean: float = 0.0
+    std: Annotated[float, Field(gt=0.0)] = 1.0
+    mask_first_layer: bool = False
+
+
+class Attention(_Frozen):
+    """Attention-mask edits (bidirectional baselines, Table 6 of the paper); ``layers`` limits them to a span.
+
+    ``last_token``: every position from the first placeholder onward also attends to the last token.
+    ``sentence``: the span from the first placeholder to the end of the sentence attends bidirectionally within itself.
+    """
+
+    bidirectional: Literal["none", "last_token", "sentence"] = "none"
+    layers: Span | None = None
+
+
+class Recipe(_Frozen):
+    """One embedding method, validated and immutable. See the module docstring for the semantics."""
+
+    name: str = ""
+    description: str = ""
+    prompt: Union[str, tuple[str, ...], None] = None
+    preprocess: Union[bool, Literal["auto"]] = "auto"
+    placeholder: Placeholder = Placeholder()
+    tp: TPSchedule = TPSchedule()
+    exit_layer: Union[int, Literal["auto"]] = -1
+    pooling: Literal["last", "mean"] = "last"
+    attention: Attention = Attention()
+    compat: Literal["exact", "official"] = "exact"
+
+    @field_validator("prompt")
+    @classmethod
+    def _templates(cls, v: Any) -> Any:
+        templates = (v,) if isinstance(v, str) else v
+        if templates is not None:
+            if len(templates) == 0:
+                raise ValueError("a prompt list needs at least one template")
+            for t in templates:
+                if TEXT_SLOT not in t:
+                    raise ValueError(f"template {t!r} has no {TEXT_SLOT} slot")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        counts = {t.count(PLACEHOLDER_MARKER) for t in self.templates}
+        if not self.tp.empty and counts == {0}:
+            raise ValueError(f"a TP schedule needs a {PLACEHOLDER_MARKER} marker in the prompt")
+        if self.placeholder.mask_first_layer and counts == {0}:
+            raise ValueError(f"placeholder.mask_first_layer needs a {PLACEHOLDER_MARKER} marker in the prompt")
+        if self.attention.bidirectional != "none" and counts == {0}:
+            raise ValueError(f"attention.bidirectional starts at the placeholder: the prompt needs {PLACEHOLDER_MARKER}")
+        return self
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The prompt templates (``("{text}",)`` when there is no prompt)."""
+        if self.prompt is None:
+            return (TEXT_SLOT,)
+        return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
+
+    @property
+    def preprocessing(self) -> bool:
+        """Whether the reference sentence preprocessing runs (``auto``: on when there is a prompt)."""
+        return self.prompt is not None if self.preprocess == "auto" else bool(self.preprocess)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A validated copy with top-level fields replaced (``recipe.replace(exit_layer=20)``)."""
+        return parse_recipe({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """A stable short hash of the recipe's semantics (name and description excluded)."""
+        import hashlib
+
+        body = {k: v for k, v in self.to_dict().items() if k not in ("name", "description")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _error_from_validation(exc: ValidationError) -> RecipeError:
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal[", "tuple[", "str")))
+    field = field or "<recipe>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        model = _model_at(first["loc"][:-1])
+        allowed = ", ".join(model.model_fields) if model else "see tpsurgery recipe schema"
+        msg = f"unknown key (allowed here: {allowed})"
+    if len(errors) > 1:
+        others = "; ".join(".".join(map(str, e["loc"])) or "<recipe>" for e in errors[1:4])
+        msg += f" (also: {others})"
+    return RecipeError(field, msg)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return None
+        ann = info.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        nested += [a for c in candidates for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def parse_recipe(source: str | dict | Recipe) -> Recipe:
+    """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, str):
+        if len(source.encode()) > MAX_RECIPE_BYTES:
+            raise RecipeError("<recipe>", f"recipe text is larger than {MAX_RECIPE_BYTES} bytes")
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise RecipeError("<recipe>", f"not valid YAML (only plain YAML is accepted, no tags): {exc}") from None
+    if source is None:
+        source = {}
+    if not isinstance(source, dict):
+        raise RecipeError("<recipe>", f"a recipe must be a mapping of fields, got {type(source).__name__}")
+    try:
+        return Recipe.model_validate(source)
+    except ValidationError as exc:
+        raise _error_from_validation(exc) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a YAML (or JSON) file, or a shipped recipe by name (``tpsurgery recipes list``)."""
+    p = Path(path)
+    if not p.exists():
+        from .library import find_recipe
+
+        p = find_recipe(str(path))
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError("<recipe>", f"{p} is larger than {MAX_RECIPE_BYTES} bytes")
+    try:
+        recipe = parse_recipe(p.read_text(encoding="utf-8"))
+    except RecipeError as exc:
+        raise RecipeError(exc.field, f"{str(exc).split(': ', 1)[1]} (in {p})") from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text that :func:`parse_recipe` turns back into an equal recipe."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The JSON schema of recipes."""
+    return Recipe.model_json_schema()
