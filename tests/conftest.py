@@ -1,0 +1,26 @@
+"""Shared fixtures: hypothesis profiles, tiny random models, and the embedded SmolLM2 (converted once, cached)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# `ci` keeps the whole suite inside CI's budget; `dev` digs deeper locally (HYPOTHESIS_PROFILE=dev).
+settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct (float32), shared by the whole session. Never mutate it."""
+    from tpsurgery.models import load_model
+
+    return load_model("smollm2-135m")

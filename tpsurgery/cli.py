@@ -1,0 +1,153 @@
+"""The ``tpsurgery`` command line (typer).
+
+>>> from typer.testing import CliRunner
+>>> result = CliRunner().invoke(app, ["recipe", "validate", "recipes/smollm2-prompteol-tp.yaml"])
+>>> result.exit_code, result.output.split()[0]
+(0, 'ok:')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import TpsurgeryError
+
+app = typer.Typer(help="Training-free surgery that turns decoder LLMs into sentence embedders.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+recipe_app = typer.Typer(help="Check recipes and print their schema.", no_args_is_help=True)
+recipes_app = typer.Typer(help="The shipped recipe library.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(recipes_app, name="recipes")
+
+MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder, .gguf file, or smollm2-135m")
+RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped recipe name")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename: an interrupt never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@recipe_app.command("validate")
+def recipe_validate(files: list[Path]) -> None:
+    """Validate recipe files; exit code 1 if any is invalid."""
+    from .recipe import load_recipe
+
+    bad = 0
+    for f in files:
+        try:
+            r = load_recipe(f)
+            typer.echo(f"ok: {f} [{r.hash()}]")
+        except TpsurgeryError as exc:
+            bad += 1
+            typer.echo(f"invalid: {f}: {exc}", err=True)
+    raise typer.Exit(1 if bad else 0)
+
+
+@recipe_app.command("schema")
+def recipe_schema_cmd() -> None:
+    """Print the JSON schema of recipes."""
+    from .recipe import recipe_schema
+
+    typer.echo(json.dumps(recipe_schema(), indent=2))
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the shipped recipes with a one-line description."""
+    from .library import list_recipes
+
+    items = list_recipes()
+    width = max(len(n) for n, _ in items)
+    for name, desc in items:
+        typer.echo(f"{name:<{width}}  {desc}")
+
+
+@app.command()
+def embed(
+    input: Path = typer.Option(..., "--input", "-i", help="text file, one sentence per line"),
+    output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [n, d])"),
+    recipe: str = RECIPE_OPT,
+    model: str = MODEL_OPT,
+    batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    normalize: bool = typer.Option(False, help="L2-normalize the embeddings"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Embed every line of a text file and write a .npy array."""
+    import io
+
+    import numpy as np
+
+    from .api import apply
+
+    texts = input.read_text(encoding="utf-8").splitlines()
+    emb = apply(model, recipe).encode(texts, batch_size=batch_size, normalize_embeddings=normalize,
+                                      show_progress_bar=progress)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    atomic_write_bytes(output, buf.getvalue())
+    typer.echo(f"wrote {output}: {emb.shape[0]} x {emb.shape[1]} float32")
+
+
+@app.command()
+def explain(
+    text: str = typer.Argument(..., help="a sentence"),
+    recipe: str = RECIPE_OPT,
+    model: str = MODEL_OPT,
+) -> None:
+    """Show the tokens, placeholder positions, layer schedule and exit layer a recipe gives a sentence."""
+    from .api import apply
+
+    typer.echo(apply(model, recipe).explain(text))
+
+
+@app.command()
+def demo(
+    model: str = MODEL_OPT,
+    recipes: list[str] = typer.Option(["smollm2-prompteol", "smollm2-prompteol-tp"], "--recipe", "-r"),
+) -> None:
+    """Embed sample sentences with each recipe and print their cosine-similarity matrices."""
+    from .api import apply, resolve_model
+
+    sentences = ["A man is playing a guitar.", "Someone is playing music.", "A woman is slicing an onion.",
+                 "A chef is cutting vegetables.", "The stock market fell sharply today."]
+    hf_model, tok, _ = resolve_model(model)
+    for name in recipes:
+        emb = apply(hf_model, name, tokenizer=tok)
+        typer.echo(f"\n== {name}: {emb.recipe.description}")
+        typer.echo(emb.explain(sentences[0]).splitlines()[3])
+        e = emb.encode(sentences, normalize_embeddings=True)
+        sim = e @ e.T
+        for i, s in enumerate(sentences):
+            typer.echo(" ".join(f"{x:5.2f}" for x in sim[i]) + f"  {s}")
+        typer.echo(f"paraphrase pairs (0,1) (2,3): {sim[0, 1]:.3f} {sim[2, 3]:.3f}; "
+                   f"unrelated (0,4) (2,4): {sim[0, 4]:.3f} {sim[2, 4]:.3f}")
+
+
+def main() -> None:
+    """Entry point: TpsurgeryError becomes one clean line on stderr and exit code 2."""
+    try:
+        app()
+    except TpsurgeryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
