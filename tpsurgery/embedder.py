@@ -71,12 +71,14 @@ class Embedder:
             preprocess=self.recipe.preprocessing, max_length=self.max_length, compat=self.recipe.compat,
         )
 
-    def batches(self, rows: Sequence[Encoded], batch_size: int):
+    def batches(self, rows: Sequence[Encoded], batch_size: int, plan: Plan | None = None):
         """Yield ``(indices, Batch)`` in descending length order (less padding); indices restore the order."""
+        plan = plan or self.plan
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
         for k in range(0, len(order), batch_size):
             idx = order[k: k + batch_size]
-            yield idx, collate([rows[i] for i in idx], self.pad_id, self.plan.source, indices=idx)
+            yield idx, collate([rows[i] for i in idx], self.pad_id, plan.source, indices=idx,
+                              hide_placeholders=plan.hide_placeholders)
 
     # -- encode ---------------------------------------------------------------------------------------------------
     def encode(
@@ -138,7 +140,7 @@ class Embedder:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(texts), desc="encode", unit="text")
-        for idx, batch in self.batches(rows, batch_size):
+        for idx, batch in self.batches(rows, batch_size, plan):
             if plan.pooling == "mean":
                 empty = (batch.text_mask.sum(1) == 0).nonzero()
                 if len(empty):

@@ -32,7 +32,8 @@ class Plan:
     ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]``; ``tp_layers`` the sorted
     0-based decoder layers (all < M) before which placeholders are overwritten; ``init_vector`` the placeholder's
     initial embedding-output row (None: the carrier token's own embedding); ``mask_layers`` the layers in which no
-    other token attends to a placeholder; ``bidirectional_layers`` the layers with the ``bidirectional`` mask edit.
+    other token attends to a placeholder; ``hide_placeholders``: placeholders get attention mask 0 (invisible in every
+    layer, no position id); ``bidirectional_layers`` the layers with the ``bidirectional`` mask edit.
     """
 
     n_layers: int
@@ -46,6 +47,7 @@ class Plan:
     bidirectional: str
     bidirectional_layers: tuple[int, ...]
     pooling: str
+    hide_placeholders: bool = False
 
     @property
     def layers_run(self) -> int:
@@ -125,7 +127,7 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         layers.extend(range(tp.resume, n_layers))
     # TP before layer i only changes hidden_states[j] for j > i: layers >= M never influence the read.
     tp_layers = tuple(sorted(i for i in set(layers) if i < m))
-    mask_layers = (0,) if recipe.placeholder.mask_first_layer and m > 0 else ()
+    mask_layers = (0,) if recipe.placeholder.mask == "first_layer" and m > 0 else ()
     att = recipe.attention
     bidir: tuple[int, ...] = ()
     if att.bidirectional != "none":
@@ -143,6 +145,7 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         bidirectional=att.bidirectional,
         bidirectional_layers=bidir,
         pooling=recipe.pooling,
+        hide_placeholders=recipe.placeholder.mask == "all",
     )
 
 
@@ -167,8 +170,12 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Sequence[int] | None = None) -> Batch:
-    """Left-pad encoded rows into a :class:`Batch`; position ids count real tokens only (``cumsum(mask) - 1``)."""
+def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Sequence[int] | None = None,
+            hide_placeholders: bool = False) -> Batch:
+    """Left-pad encoded rows into a :class:`Batch`; position ids count visible tokens only (``cumsum(mask) - 1``).
+
+    ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
+    """
     indices = list(indices) if indices is not None else list(range(len(rows)))
     width = max(len(r.ids) for r in rows)
     n_ph = {len(r.placeholders) for r in rows}
@@ -191,6 +198,8 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
         text_end[b] = off + r.text_span[1]
         if r.placeholders:
             ph[b] = torch.tensor(r.placeholders) + off
+            if hide_placeholders:
+                mask[b, ph[b]] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     src = torch.full((len(rows),), width + source, dtype=torch.long)
     return Batch(ids, mask, pos, ph, src, text, text_end)

@@ -101,8 +101,11 @@ class Placeholder(_Frozen):
     """The placeholder token: which existing token id carries it and what vector it starts from.
 
     ``init``: ``token`` (the embedding row of ``token_id``, or of ``token`` text that is a single token), ``zeros``,
-    ``ones``, ``uniform`` (U[0, 1)), ``gaussian`` (N(mean, std) from ``seed``). ``mask_first_layer``: no other token
-    attends to the placeholder in decoder layer 0 (Table 15 of the paper).
+    ``ones``, ``uniform`` (U[0, 1)), ``gaussian`` (N(mean, std) from ``seed``).
+
+    ``mask``: ``none``; ``first_layer``: no other token attends to the placeholder in decoder layer 0 (Table 15 of the
+    paper; it keeps its position id); ``all``: the placeholder is invisible everywhere (attention mask 0, so it takes
+    no position id either): with an empty TP schedule this is exactly the prompt without the marker.
     """
 
     init: Literal["token", "zeros", "ones", "uniform", "gaussian"] = "token"
@@ -111,7 +114,7 @@ class Placeholder(_Frozen):
     seed: int = 0
     mean: float = 0.0
     std: Annotated[float, Field(gt=0.0)] = 1.0
-    mask_first_layer: bool = False
+    mask: Literal["none", "first_layer", "all"] = "none"
 
 
 class Attention(_Frozen):
@@ -156,8 +159,8 @@ class Recipe(_Frozen):
         counts = {t.count(PLACEHOLDER_MARKER) for t in self.templates}
         if not self.tp.empty and counts == {0}:
             raise ValueError(f"a TP schedule needs a {PLACEHOLDER_MARKER} marker in the prompt")
-        if self.placeholder.mask_first_layer and counts == {0}:
-            raise ValueError(f"placeholder.mask_first_layer needs a {PLACEHOLDER_MARKER} marker in the prompt")
+        if self.placeholder.mask != "none" and counts == {0}:
+            raise ValueError(f"placeholder.mask needs a {PLACEHOLDER_MARKER} marker in the prompt")
         if self.attention.bidirectional != "none" and counts == {0}:
             raise ValueError(f"attention.bidirectional starts at the placeholder: the prompt needs {PLACEHOLDER_MARKER}")
         return self
