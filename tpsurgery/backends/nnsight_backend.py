@@ -15,26 +15,7 @@ from ..arch import ArchSpec, arch_for, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..plan import Batch, Plan
 from .pooling import pool
-
-
-def overwrite_placeholders(h: torch.Tensor, plan: Plan, batch: Batch) -> torch.Tensor:
-    """A copy of ``h`` ([B, L, d]) whose placeholder rows hold the source row (or the alpha mix)."""
-    h = h.clone()
-    rows = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
-    ph = batch.placeholders.to(h.device)
-    src = h[rows[:, 0], batch.source.to(h.device)].unsqueeze(1).clone()
-    if plan.alpha != 1.0:
-        src = plan.alpha * src + (1.0 - plan.alpha) * h[rows, ph]
-    h[rows, ph] = src.expand(-1, ph.shape[1], -1).to(h.dtype)
-    return h
-
-
-def write_initial(e: torch.Tensor, plan: Plan, batch: Batch) -> torch.Tensor:
-    """A copy of the embedding output ``e`` whose placeholder rows hold the plan's initial vector."""
-    e = e.clone()
-    rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
-    e[rows, batch.placeholders.to(e.device)] = plan.init_vector.to(e.device, e.dtype)
-    return e
+from .surgery import overwrite_placeholders, write_initial
 
 
 class NNsightBackend:
