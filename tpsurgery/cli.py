@@ -26,6 +26,12 @@ recipes_app = typer.Typer(help="The shipped recipe library.", no_args_is_help=Tr
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(recipes_app, name="recipes")
 
+from .cli_eval import eval_app, regress, sweep  # noqa: E402  (evaluation commands live in cli_eval.py)
+
+app.add_typer(eval_app, name="eval")
+app.command()(sweep)
+app.command()(regress)
+
 MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder, .gguf file, or smollm2-135m")
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped recipe name")
 

@@ -58,7 +58,12 @@ class Embedder:
         hidden = get_path(model, self.spec.embed).weight.shape[1]
         vocab = get_path(model, self.spec.embed).weight.shape[0]
         self.placeholder_id = _placeholder_id(recipe, tokenizer, vocab)
-        self.plan: Plan = compile_plan(recipe, self.n_layers, hidden, self.placeholder_id)
+        exit_layer = None
+        if recipe.exit_layer == "auto":  # the best exit layer of a stored sweep (tpsurgery sweep), see sweep.py
+            from .sweep import resolve_auto_exit
+
+            exit_layer = resolve_auto_exit(model, recipe)
+        self.plan: Plan = compile_plan(recipe, self.n_layers, hidden, self.placeholder_id, exit_layer=exit_layer)
         self.max_length = _max_length(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None and pad < vocab else 0

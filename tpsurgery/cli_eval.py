@@ -1,0 +1,170 @@
+"""The evaluation commands of the ``tpsurgery`` CLI: ``eval sts``, ``eval transfer``, ``sweep``, ``regress``.
+
+>>> parse_ints("2-4,8"), parse_floats("1,0.5")
+([2, 3, 4, 8], [1.0, 0.5])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import InputError
+
+eval_app = typer.Typer(help="Evaluate recipes on STS and transfer tasks (SentEval data layout).", no_args_is_help=True)
+
+DATA_HELP = ("SentEval-layout data folder; repeat to search several (first match wins). "
+             "Default: $TPSURGERY_DATA (os.pathsep-separated)")
+MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder, .gguf file, or smollm2-135m")
+
+
+def data_dirs(given: Optional[list[Path]]) -> list[Path]:
+    dirs = list(given or []) or [Path(p) for p in os.environ.get("TPSURGERY_DATA", "").split(os.pathsep) if p]
+    if not dirs:
+        raise InputError(None, "no data folder: pass --data-dir (SentEval layout) or set TPSURGERY_DATA")
+    return dirs
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"2-5,8"`` -> ``[2, 3, 4, 5, 8]`` (ranges inclusive)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, sep, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+    except ValueError:
+        raise InputError(None, f"expected integers like '2-8' or '2,4,8', got {text!r}") from None
+    return out
+
+
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise InputError(None, f"expected numbers like '1,0.5', got {text!r}") from None
+
+
+def _split_tasks(text: str, kind: str) -> list[str]:
+    from .evaluation import TASKS
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS or TASKS[t].kind != kind:
+            known = ", ".join(n for n, v in TASKS.items() if v.kind == kind)
+            raise InputError(None, f"unknown {kind} task {t!r}; known: {known}")
+    return tasks
+
+
+def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
+              batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
+              n_jobs: int = 1) -> None:
+    from .api import apply, resolve_model
+    from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
+
+    dirs = data_dirs(data)
+    names = _split_tasks(tasks, kind)
+    hf_model, tok, _ = resolve_model(model)
+    runs = []
+    for r in recipes:
+        emb = apply(hf_model, r, tokenizer=tok)
+        runs.append(evaluate(emb, names, dirs, model_name=model, limit=limit, batch_size=batch_size,
+                             progress=progress, kfold=kfold, n_jobs=n_jobs))
+        typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in runs[-1]["scores"].items())
+                   + f" ({runs[-1]['seconds']:.1f} s)", err=True)
+    table = markdown_table(runs, names)
+    typer.echo(table)
+    if output:
+        typer.echo(f"wrote {write_results(output, runs)}", err=True)
+    if markdown:
+        typer.echo(f"wrote {_atomic_write_text(markdown, table + chr(10))}", err=True)
+
+
+RECIPES_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped name; repeat for several rows")
+DATA_OPT = typer.Option(None, "--data-dir", "-d", help=DATA_HELP)
+LIMIT_OPT = typer.Option(None, help="use only the first N pairs (STS) / lines per split or class (transfer)")
+OUT_OPT = typer.Option(None, "--output", "-o", help="results JSON to write")
+MD_OPT = typer.Option(None, "--markdown", help="markdown table to write")
+
+
+@eval_app.command("sts")
+def eval_sts(
+    recipe: list[str] = RECIPES_OPT,
+    model: str = MODEL_OPT,
+    data_dir: Optional[list[Path]] = DATA_OPT,
+    tasks: str = typer.Option("sts12,sts13,sts14,sts15,sts16,stsb,sickr", help="comma-separated; also stsb-dev"),
+    limit: Optional[int] = LIMIT_OPT,
+    batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    output: Optional[Path] = OUT_OPT,
+    markdown: Optional[Path] = MD_OPT,
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """STS: cosine similarity, Spearman x100 (STS12-16 in the 'all' setting); unique sentences embedded once."""
+    _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress)
+
+
+@eval_app.command("transfer")
+def eval_transfer(
+    recipe: list[str] = RECIPES_OPT,
+    model: str = MODEL_OPT,
+    data_dir: Optional[list[Path]] = DATA_OPT,
+    tasks: str = typer.Option("mr,cr,subj,mpqa,sst2,trec,mrpc", help="comma-separated transfer tasks"),
+    limit: Optional[int] = LIMIT_OPT,
+    batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    kfold: int = typer.Option(10, help="folds of the SentEval cross-validation"),
+    n_jobs: int = typer.Option(1, help="parallel logistic-regression fits (joblib)"),
+    output: Optional[Path] = OUT_OPT,
+    markdown: Optional[Path] = MD_OPT,
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
+    _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs)
+
+
+def sweep(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose prompt/placeholder/pooling are swept"),
+    model: str = MODEL_OPT,
+    data_dir: Optional[list[Path]] = DATA_OPT,
+    task: str = typer.Option("stsb-dev", help="STS task to tune on (never a test set for reported numbers)"),
+    limit: Optional[int] = LIMIT_OPT,
+    stops: Optional[str] = typer.Option(None, help="TP stop layers k, e.g. '2-8' or '2,4,8' (default: all)"),
+    starts: str = typer.Option("1", help="TP start layers, e.g. '0,1'"),
+    alphas: str = typer.Option("1.0", help="TP mixing weights, e.g. '1,0.5'"),
+    batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    out_dir: Path = typer.Option(Path("sweep-out"), "--out-dir", "-o", help="folder for sweep.json, heatmap.png, best.yaml"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Grid over TP stop layer k (and start, alpha) x exit layer M: every M from one pass per TP row."""
+    from .api import resolve_model
+    from .evaluation import load_task
+    from .sweep import run_sweep, write_outputs
+
+    _split_tasks(task, "sts")
+    pairs = load_task(task, data_dirs(data_dir), limit)
+    hf_model, tok, _ = resolve_model(model)
+    res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
+                    alphas=parse_floats(alphas), tokenizer=tok, batch_size=batch_size, progress=progress,
+                    model_name=model)
+    paths = write_outputs(res, out_dir)
+    r, m, score = res.best()
+    typer.echo(f"best: {res.rows[r]['label']}, exit hidden_states[{m}] -> {score:.2f} on {res.task} "
+               f"({res.n_pairs} pairs, {len(res.rows)} passes, {res.seconds:.1f} s)")
+    for k, p in paths.items():
+        typer.echo(f"wrote {k}: {p}")
+
+
+def regress(
+    results: Path = typer.Argument(..., help="results JSON (tpsurgery eval ... --output)"),
+    expected: Path = typer.Argument(..., help="expected-scores JSON"),
+    tol: Optional[float] = typer.Option(None, help="allowed drop in score points (default: the file's tol, else 0.5)"),
+    strict: bool = typer.Option(False, help="also fail when a score rose by more than tol"),
+) -> None:
+    """Compare results with expected scores; exit code 1 on a regression."""
+    from .evaluation import read_results
+    from .regression import compare, failed, load_expected, report
+
+    checks = compare(read_results(results), load_expected(expected), tol, strict)
+    typer.echo(report(checks))
+    raise typer.Exit(1 if failed(checks) else 0)

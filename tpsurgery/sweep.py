@@ -1,0 +1,212 @@
+"""Exit-layer sweeps: STS-B dev Spearman over a grid of TP schedules x every exit layer M, and ``exit_layer: auto``.
+
+For each TP schedule (start, stop, alpha) ONE all-layer pass gives the score at every exit layer: TP before layer i only
+changes ``hidden_states[j]`` for j > i, so the pass with the full schedule reads every ``hidden_states[M]`` exactly as a
+run of that recipe with ``exit_layer: M`` would. The sweep result is stored in the cache under the model's fingerprint
+and the recipe's hash with TP and exit layer removed; ``exit_layer: auto`` looks the recipe's own TP row up there.
+
+>>> import tpsurgery
+>>> from tpsurgery.data import load_stsb
+>>> from tpsurgery.testing import tiny_model
+>>> model, tok = tiny_model("llama", n_layers=3)
+>>> pairs = load_stsb(["../shared/data/format-samples"], "test")
+>>> res = run_sweep(model, 'prompt: "This : <PST> {text} means"', pairs, stops=[2, 3], tokenizer=tok)
+>>> [row["label"] for row in res.rows], len(res.rows[0]["scores"])      # scores for hidden_states[0..3]
+(['no TP', 'TP [1,2)', 'TP [1,3)'], 4)
+>>> res.rows[1]["scores"][1:3] == res.rows[2]["scores"][1:3]          # TP at layers >= M cannot change M
+True
+>>> res.rows[0]["scores"][0] is None    # M=0: the last token's embedding row is the same for every sentence
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import RecipeError
+from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe, parse_recipe
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash of a model's class, shape and a strided sample of every parameter (cheap, weight-sensitive).
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> a, b = tiny_model("llama", seed=0)[0], tiny_model("llama", seed=1)[0]
+    >>> model_fingerprint(a) == model_fingerprint(tiny_model("llama", seed=0)[0]), model_fingerprint(a) == model_fingerprint(b)
+    (True, False)
+    """
+    import torch
+
+    h = hashlib.sha256(type(model).__name__.encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+def base_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with no TP and ``exit_layer: auto``: what a sweep varies is removed (its hash keys the store)."""
+    return recipe.replace(tp={}, exit_layer="auto", name="", description="")
+
+
+def sweep_path(fingerprint: str, recipe: Recipe) -> Path:
+    """Where the sweep of ``recipe`` (any TP / exit layer) on the fingerprinted model is stored."""
+    from .models import cache_dir
+
+    return cache_dir() / "sweeps" / fingerprint / f"{base_recipe(recipe).hash()}.json"
+
+
+def _tp_key(recipe: Recipe) -> str:
+    return json.dumps(recipe.tp.model_dump(mode="json"), sort_keys=True)
+
+
+@dataclass
+class SweepResult:
+    """All scores of a sweep: ``rows[r]["scores"][M]`` is the Spearman x100 at ``hidden_states[M]`` for TP row r."""
+
+    model: str
+    fingerprint: str
+    recipe: Recipe
+    task: str
+    n_pairs: int
+    n_layers: int
+    rows: list[dict[str, Any]]
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def best(self) -> tuple[int, int, float]:
+        """``(row index, exit layer M, score)`` of the best cell (ties: the earliest row, then the smallest M)."""
+        grid = np.array([r["scores"] for r in self.rows], dtype=np.float64)
+        r, m = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
+        return int(r), int(m), float(grid[r, m])
+
+    def best_recipe(self) -> Recipe:
+        """The swept recipe with the best TP schedule and exit layer filled in (exit as ``hidden_states`` index)."""
+        r, m, score = self.best()
+        row = self.rows[r]
+        name = (self.recipe.name or "recipe") + "-swept"
+        desc = (f"{self.recipe.description} Sweep on {self.task} ({self.n_pairs} pairs, {self.model}): "
+                f"{row['label']}, exit hidden_states[{m}] -> {score:.2f}").strip()
+        return self.recipe.replace(tp=row["tp"], exit_layer=m, name=name, description=desc)
+
+    def to_dict(self) -> dict[str, Any]:
+        r, m, score = self.best()
+        return {"tpsurgery_sweep": 1, "model": self.model, "fingerprint": self.fingerprint,
+                "recipe": self.recipe.to_dict(), "recipe_hash": base_recipe(self.recipe).hash(), "task": self.task,
+                "n_pairs": self.n_pairs, "n_layers": self.n_layers, "rows": self.rows,
+                "best": {"row": r, "label": self.rows[r]["label"], "exit_layer": m, "score": score},
+                "seconds": round(self.seconds, 3), **self.extra}
+
+    def heatmap(self, path: str | os.PathLike) -> Path:
+        """Write a heatmap PNG (rows: TP schedules, columns: exit layer M; the best cell boxed). Agg, no GUI."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        grid = np.array([r["scores"] for r in self.rows], dtype=np.float64)
+        fig = Figure(figsize=(max(6.0, 0.32 * grid.shape[1] + 2.5), max(2.5, 0.4 * grid.shape[0] + 1.5)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(self.rows)), [r["label"] for r in self.rows])
+        ax.set_xticks(range(grid.shape[1]), [str(m) for m in range(grid.shape[1])], fontsize=7)
+        ax.set_xlabel("exit layer M (hidden_states[M])")
+        r, m, score = self.best()
+        ax.add_patch(Rectangle((m - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        ax.set_title(f"{self.task} Spearman x100 - {self.model}; best {score:.2f} ({self.rows[r]['label']}, M={m})",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        return path
+
+    def store(self, path: str | os.PathLike | None = None) -> Path:
+        """Save the JSON (default: :func:`sweep_path` in the cache, where ``exit_layer: auto`` finds it)."""
+        from .evaluation import _atomic_write_text
+
+        target = Path(path) if path is not None else sweep_path(self.fingerprint, self.recipe)
+        return _atomic_write_text(target, json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, starts: Sequence[int] = (1,),
+         alphas: Sequence[float] = (1.0,)) -> list[tuple[str, dict]]:
+    """``(label, tp)`` rows: 'no TP' first, then every start < stop <= n_layers, alpha (only with a ``<PST>``)."""
+    rows: list[tuple[str, dict]] = [("no TP", {})]
+    if not any(PLACEHOLDER_MARKER in t for t in recipe.templates):
+        return rows
+    for a in alphas:
+        for s in starts:
+            for k in (stops if stops is not None else range(s + 1, n_layers + 1)):
+                if s < k <= n_layers:
+                    label = f"TP [{s},{k})" + (f" a={a:g}" if len(alphas) > 1 or a != 1.0 else "")
+                    rows.append((label, {"start": s, "stop": k, "alpha": a, "source": recipe.tp.source}))
+    return rows
+
+
+def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | None = None, starts: Sequence[int] = (1,),
+              alphas: Sequence[float] = (1.0,), tokenizer: Any = None, batch_size: int = 32, progress: bool = False,
+              model_name: str | None = None) -> SweepResult:
+    """Score every TP row x exit layer on ``pairs`` (a :class:`~tpsurgery.data.PairSet`, normally STS-B dev).
+
+    One all-layer pass per row; sentences shared by pairs are embedded once per row. The recipe's own TP schedule
+    and exit layer are ignored (the grid replaces them).
+    """
+    from .api import apply, as_recipe
+    from .evaluation import evaluate_sts
+    from .plan import compile_plan
+
+    recipe = as_recipe(recipe)
+    t0 = time.perf_counter()
+    embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer)
+    hidden = embedder.model.get_input_embeddings().weight.shape[1]
+    rows = []
+    for label, tp in grid(recipe, embedder.n_layers, stops, starts, alphas):
+        row_recipe = recipe.replace(tp=tp, exit_layer=-1)
+        plan = compile_plan(row_recipe, embedder.n_layers, hidden, embedder.placeholder_id)
+        scores = evaluate_sts(embedder, [pairs], batch_size, progress, all_layers=True, plan=plan)[pairs.name]
+        rows.append({"label": label, "tp": row_recipe.tp.model_dump(mode="json"),
+                     "scores": [None if np.isnan(x) else round(float(x), 4) for x in scores]})
+    name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
+    return SweepResult(name, model_fingerprint(embedder.model), recipe, pairs.name, len(pairs), embedder.n_layers,
+                       rows, time.perf_counter() - t0)
+
+
+def resolve_auto_exit(model: Any, recipe: Recipe, path: str | os.PathLike | None = None) -> int:
+    """The best exit layer for ``recipe``'s TP schedule from the stored sweep (``exit_layer: auto``)."""
+    fp = model_fingerprint(model)
+    p = Path(path) if path is not None else sweep_path(fp, recipe)
+    hint = "run `tpsurgery sweep` with this recipe and model first (it stores the result for 'auto')"
+    if not p.is_file():
+        raise RecipeError("exit_layer", f"'auto' needs a stored sweep for this model and recipe; none at {p}: {hint}")
+    stored = json.loads(p.read_text(encoding="utf-8"))
+    want = _tp_key(recipe)
+    for row in stored["rows"]:
+        if json.dumps(parse_recipe({**recipe.to_dict(), "tp": row["tp"]}).tp.model_dump(mode="json"),
+                      sort_keys=True) == want:
+            scores = np.array(row["scores"], dtype=np.float64)
+            return int(np.nanargmax(scores))
+    raise RecipeError("exit_layer", f"'auto': the sweep at {p} has no row for tp={want}; rows: "
+                      f"{', '.join(r['label'] for r in stored['rows'])}. {hint}")
+
+
+def write_outputs(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``sweep.json``, ``heatmap.png`` and ``best.yaml`` in ``out_dir`` (plus the cache copy used by 'auto')."""
+    from .evaluation import _atomic_write_text
+
+    out = Path(out_dir)
+    return {"json": result.store(out / "sweep.json"), "heatmap": result.heatmap(out / "heatmap.png"),
+            "best": _atomic_write_text(out / "best.yaml", dump_recipe(result.best_recipe())),
+            "cache": result.store()}
