@@ -14,6 +14,7 @@ import torch
 from ..arch import ArchSpec, arch_for, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..plan import Batch, Plan
+from ..masks import layer_masks, mask_position, replace_mask
 from .pooling import pool
 from .surgery import overwrite_placeholders, write_initial
 
@@ -54,10 +55,14 @@ class NNsightBackend:
         has_ph = batch.placeholders.shape[1] > 0
         m = plan.exit_layer
         reads = []
+        masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
+        where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
         with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
             if has_ph and plan.init_vector is not None:
                 embed.output = write_initial(embed.output, plan, batch)
             for i in range(plan.layers_run):
+                if i in masks:
+                    layers[i].inputs = replace_mask(layers[i].inputs, masks[i], where)
                 if all_layers and i == 0:
                     reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
                 if has_ph and i in plan.tp_layers:

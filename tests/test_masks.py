@@ -1,0 +1,228 @@
+"""Attention-mask edits (placeholder.mask: first_layer, attention.bidirectional) against a plain-PyTorch oracle.
+
+The oracle builds every edited mask by explicit loops from the documented rule (docs/recipes.md), turns it into an
+additive float mask, and swaps it into the decoder layer with a ``forward_pre_hook(with_kwargs=True)``; TP is done in
+the same hook. No masking_utils, no nnsight.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import tpsurgery
+from tpsurgery.errors import ModelError
+from tpsurgery.masks import allowed, layer_masks
+from tpsurgery.plan import collate
+from tpsurgery.testing import tiny_model
+
+N = 4
+TEXTS = ["a b c.", "the cat sat on the mat.", "xy"]
+COT = 'After thinking : <PST> "{text}" means:"'
+
+
+@functools.lru_cache(maxsize=None)
+def model(arch: str, n_layers: int = N):
+    return tiny_model(arch, n_layers=n_layers, hidden=32, seed=1)
+
+
+def rule(ids_mask, placeholders, text_end, *, mask_placeholders, bidirectional, window):
+    """Loop-built boolean mask [B, L, L] (query row, key column): the definition in docs/recipes.md."""
+    bsz, length = ids_mask.shape
+    out = torch.zeros((bsz, length, length), dtype=torch.bool)
+    for b in range(bsz):
+        ph = [int(p) for p in placeholders[b]]
+        first, end = min(ph), int(text_end[b])
+        for q in range(length):
+            for kv in range(length):
+                ok = kv <= q and (window is None or q - kv < window)
+                if bidirectional == "last_token" and q >= first and kv == length - 1:
+                    ok = True
+                if bidirectional == "sentence" and first <= q < end and first <= kv < end:
+                    ok = True
+                if mask_placeholders and kv in ph and kv != q:
+                    ok = False
+                out[b, q, kv] = ok and bool(ids_mask[b, kv])
+            if not out[b, q].any():  # padding query: keep its diagonal so no row is empty
+                out[b, q, q] = True
+    return out
+
+
+def oracle(hf, plan, batch):
+    """Last-token (or mean) read of hidden_states[M] with TP and mask swaps done by plain forward-pre-hooks."""
+    layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+    types = getattr(hf.config, "layer_types", None)
+    dtype = next(hf.parameters()).dtype
+    rows = torch.arange(batch.size).unsqueeze(1)
+    handles = []
+    if plan.init_vector is not None:
+        embed = hf.get_input_embeddings()
+
+        def init(mod, args, out):
+            out = out.clone()
+            out[rows, batch.placeholders] = plan.init_vector.to(out.dtype)
+            return out
+        handles.append(embed.register_forward_hook(init))
+    for i in range(plan.layers_run):
+        edit_mask = i in plan.mask_layers or i in plan.bidirectional_layers
+        tp = i in plan.tp_layers
+        if not (edit_mask or tp):
+            continue
+        window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
+        ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=i in plan.mask_layers,
+                  bidirectional=plan.bidirectional if i in plan.bidirectional_layers else "none", window=window)
+        additive = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min).unsqueeze(1)
+
+        def hook(mod, args, kwargs, additive=additive, edit_mask=edit_mask, tp=tp):
+            args = list(args)
+            if edit_mask:
+                if "attention_mask" in kwargs:
+                    kwargs = {**kwargs, "attention_mask": additive}
+                else:  # GPT-2 passes (hidden, cache, mask, ...) positionally
+                    args[2] = additive
+            if tp:
+                h = args[0].clone()
+                h[rows, batch.placeholders] = h[:, -1:].clone().expand(-1, batch.placeholders.shape[1], -1)
+                args[0] = h
+            return tuple(args), kwargs
+        handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            hs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    output_hidden_states=True, use_cache=False).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    return hs[plan.exit_layer][:, -1].float()
+
+
+VARIANTS = {
+    "mask-first-layer": {"placeholder": {"mask": "first_layer", "init": "gaussian"}, "tp": {"start": 1, "stop": 3}},
+    "last-token": {"attention": {"bidirectional": "last_token"}},
+    "sentence": {"attention": {"bidirectional": "sentence", "layers": {"start": 1, "stop": 3}}},
+    "sentence+tp+mask": {"attention": {"bidirectional": "sentence"}, "placeholder": {"mask": "first_layer"},
+                         "tp": {"start": 1, "stop": 3}},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2", "gpt2"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_engine_equals_mask_swapping_hook_oracle(arch, variant):
+    hf, tok = model(arch)
+    emb = tpsurgery.apply(hf, {"prompt": COT, "exit_layer": -1, **VARIANTS[variant]}, tokenizer=tok)
+    got = emb.encode(TEXTS, convert_to_tensor=True)
+    rows = emb.tokenize(TEXTS, COT)
+    batch = collate(rows, emb.pad_id, emb.plan.source, hide_placeholders=emb.plan.hide_placeholders)
+    want = oracle(hf, emb.plan, batch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    # and the edit is not a no-op: the plain recipe differs
+    plain = tpsurgery.apply(hf, {"prompt": COT, "exit_layer": -1, "tp": VARIANTS[variant].get("tp", [])},
+                            tokenizer=tok).encode(TEXTS, convert_to_tensor=True)
+    assert (got - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2"])
+def test_masks_follow_the_rule_in_each_layers_own_format(arch):
+    hf, tok = model(arch, n_layers=6)
+    emb = tpsurgery.apply(hf, {"prompt": COT, "attention": {"bidirectional": "sentence"},
+                               "placeholder": {"mask": "first_layer"}}, tokenizer=tok)
+    batch = collate(emb.tokenize(TEXTS, COT), emb.pad_id)
+    masks = layer_masks(hf, emb.plan, batch)
+    assert sorted(masks) == list(range(6))
+    types = getattr(hf.config, "layer_types", None)
+    real = batch.attention_mask.bool()
+    for i, m in masks.items():
+        window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
+        want = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=i == 0,
+                    bidirectional="sentence", window=window)
+        if hf.config._attn_implementation == "eager":
+            assert m.dtype.is_floating_point  # a bool mask would be silently added by eager attention
+            got = m[:, 0] == 0
+        else:
+            assert m.dtype == torch.bool
+            got = m[:, 0]
+        assert torch.equal(got[real], want[real]), f"layer {i}"
+        assert torch.equal(allowed(batch, mask_placeholders=i == 0, bidirectional="sentence",
+                                   sliding_window=window)[real], want[real])
+    if types:  # Gemma's sliding layers get a different mask from its full layers (texts are longer than the window)
+        kinds = {types[i]: masks[i] for i in masks}
+        assert not torch.equal(kinds["sliding_attention"], kinds["full_attention"])
+
+
+def _layer0_states(hf, tok, recipe, texts):
+    """Output of decoder layer 0 for each text (captured by a plain forward hook during encode)."""
+    seen = []
+    h = hf.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        emb = tpsurgery.apply(hf, recipe, tokenizer=tok)
+        for t in texts:
+            emb.encode(t)
+    finally:
+        h.remove()
+    return emb, seen
+
+
+def test_bidirectional_sentence_lets_earlier_tokens_see_the_last_sentence_token():
+    hf, tok = model("llama")
+    texts = ["one two threX", "one two threY"]  # same byte length; differ only in the last sentence token
+    base = {"prompt": COT, "exit_layer": 2}
+    for bidir, should_change in (("none", False), ("sentence", True)):
+        emb, (a, b) = _layer0_states(hf, tok, {**base, "attention": {"bidirectional": bidir}}, texts)
+        row = emb.tokenize(texts[:1], COT)[0]
+        first, last_text = row.placeholders[0], row.text_span[1] - 1
+        before = slice(first, last_text)  # the placeholder and the sentence up to its last token
+        changed = (a[0, before] - b[0, before]).abs().amax(-1)
+        assert bool((changed > 1e-6).all()) is should_change, (bidir, changed)
+        assert torch.equal(a[0, :first], b[0, :first])  # the prefix never sees the sentence
+
+
+def test_bidirectional_last_token_lets_placeholder_onward_see_the_last_token():
+    hf, tok = model("llama")
+    text = ["a b c"]
+    for bidir, should_change in (("none", False), ("last_token", True)):
+        outs = []
+        for end in ("X", "Y"):
+            template = COT + end
+            emb, (h,) = _layer0_states(hf, tok, {"prompt": template, "exit_layer": 2,
+                                                 "attention": {"bidirectional": bidir}}, text)
+            outs.append(h)
+        row = emb.tokenize(text, COT + "X")[0]
+        first = row.placeholders[0]
+        diff = (outs[0] - outs[1])[0].abs().amax(-1)
+        assert bool((diff[first:-1] > 1e-6).all()) is should_change
+        assert float(diff[:first].max()) == 0.0
+
+
+def test_masked_placeholder_makes_the_embedding_independent_of_its_initialisation():
+    hf, tok = model("gemma3")
+    inits = [{"init": "zeros"}, {"init": "ones"}, {"init": "gaussian", "std": 3.0}]
+    for mask, same in (("first_layer", True), ("none", False)):
+        embs = [tpsurgery.apply(hf, {"prompt": COT, "tp": {"start": 1, "stop": 3},
+                                     "placeholder": {**init, "mask": mask}}, tokenizer=tok).encode(TEXTS)
+                for init in inits]
+        spread = max(abs(e - embs[0]).max() for e in embs)
+        assert bool(spread < 1e-5) is same, (mask, spread)
+
+
+def test_padding_stays_masked_under_edited_masks():
+    hf, tok = model("gemma2")
+    recipe = {"prompt": COT, "attention": {"bidirectional": "sentence"}, "placeholder": {"mask": "first_layer"},
+              "tp": {"start": 1, "stop": 2}}
+    emb = tpsurgery.apply(hf, recipe, tokenizer=tok)
+    together = emb.encode(TEXTS, batch_size=3)
+    alone = [emb.encode(t) for t in TEXTS]
+    for a, b in zip(together, alone):
+        assert abs(a - b).max() < 1e-5
+
+
+def test_plain_plan_builds_no_masks_and_unsupported_attention_is_named():
+    hf, tok = model("llama")
+    emb = tpsurgery.apply(hf, {"prompt": COT, "tp": {"start": 1, "stop": 2}}, tokenizer=tok)
+    assert layer_masks(hf, emb.plan, collate(emb.tokenize(TEXTS, COT), emb.pad_id)) == {}
+    flash, ftok = tiny_model("llama", n_layers=2, attn="sdpa")
+    flash.config._attn_implementation = "flash_attention_2"
+    emb = tpsurgery.apply(flash, {"prompt": COT, "attention": {"bidirectional": "last_token"}}, tokenizer=ftok)
+    with pytest.raises(ModelError, match="sdpa or eager"):
+        emb.encode("a")
