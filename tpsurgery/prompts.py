@@ -110,7 +110,7 @@ def encode_prompts(
     pieces = split_template(template)
     texts = [preprocess_sentence(t) if preprocess else t for t in texts]
     if compat == "official":
-        return [_encode_official(tokenizer, template, t, placeholder_id) for t in texts]
+        return [_official_within(tokenizer, template, t, placeholder_id, max_length, i) for i, t in enumerate(texts)]
     filled = [_fill(pieces, t) for t in texts]
     enc = tokenizer([f[0] for f in filled], return_offsets_mapping=True, add_special_tokens=True)
     out = []
@@ -142,6 +142,25 @@ def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, i
             return Encoded(e2.ids, e2.placeholders, e2.text_span, truncated=True)
         cut = max(cut - 8 * (len(e2.ids) - max_length), 0)
     raise InputError(index, f"cannot truncate to the model's limit of {max_length} tokens")
+
+
+def _official_within(tokenizer, template, text, placeholder_id, max_length, index) -> Encoded:
+    """``_encode_official`` cut to the longest prefix of ``text`` that fits ``max_length`` (like exact mode)."""
+    e = _encode_official(tokenizer, template, text, placeholder_id)
+    if max_length is None or len(e.ids) <= max_length:
+        return e
+    lo, hi = 0, len(text)  # longest character prefix that fits (token count grows with the prefix)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_encode_official(tokenizer, template, text[:mid], placeholder_id).ids) <= max_length:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
+    warnings.warn(f"input {index}: truncated to the model's limit of {max_length} tokens", UserWarning, stacklevel=4)
+    e = _encode_official(tokenizer, template, text[:lo], placeholder_id)
+    return Encoded(e.ids, e.placeholders, e.text_span, truncated=True)
 
 
 def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: int) -> Encoded:
