@@ -28,17 +28,28 @@ Semantics (see docs/recipes.md for the full reference):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
 MAX_RECIPE_BYTES = 1_000_000
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML reads `yes`/`true` as booleans and Python's bool is an int: never let one pass for a number.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+_NUM = BeforeValidator(_no_bool)
 
 
 class _Frozen(BaseModel):
@@ -48,8 +59,8 @@ class _Frozen(BaseModel):
 class Span(_Frozen):
     """Half-open span ``[start, stop)`` of 0-based decoder-layer indices."""
 
-    start: Annotated[int, Field(ge=0)]
-    stop: Annotated[int, Field(ge=1)]
+    start: Annotated[int, Field(ge=0), _NUM]
+    stop: Annotated[int, Field(ge=1), _NUM]
 
     @model_validator(mode="after")
     def _ordered(self) -> "Span":
@@ -65,9 +76,9 @@ class TPSchedule(_Frozen):
     """
 
     spans: tuple[Span, ...] = ()
-    resume: Annotated[int, Field(ge=0)] | None = None
-    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
-    source: Annotated[int, Field(le=-1)] = -1
+    resume: Annotated[int, Field(ge=0), _NUM] | None = None
+    alpha: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False), _NUM] = 1.0
+    source: Annotated[int, Field(le=-1), _NUM] = -1
 
     @model_validator(mode="before")
     @classmethod
@@ -109,11 +120,11 @@ class Placeholder(_Frozen):
     """
 
     init: Literal["token", "zeros", "ones", "uniform", "gaussian"] = "token"
-    token_id: Annotated[int, Field(ge=0)] = 0
+    token_id: Annotated[int, Field(ge=0), _NUM] = 0
     token: str | None = None
-    seed: int = 0
-    mean: float = 0.0
-    std: Annotated[float, Field(gt=0.0)] = 1.0
+    seed: Annotated[int, _NUM] = 0
+    mean: Annotated[float, Field(allow_inf_nan=False), _NUM] = 0.0
+    std: Annotated[float, Field(gt=0.0, allow_inf_nan=False), _NUM] = 1.0
     mask: Literal["none", "first_layer", "all"] = "none"
 
 
@@ -137,7 +148,7 @@ class Recipe(_Frozen):
     preprocess: Union[bool, Literal["auto"]] = "auto"
     placeholder: Placeholder = Placeholder()
     tp: TPSchedule = TPSchedule()
-    exit_layer: Union[int, Literal["auto"]] = -1
+    exit_layer: Annotated[Union[int, Literal["auto"]], _NUM] = -1
     pooling: Literal["last", "mean"] = "last"
     attention: Attention = Attention()
     compat: Literal["exact", "official"] = "exact"
@@ -149,20 +160,21 @@ class Recipe(_Frozen):
         if templates is not None:
             if len(templates) == 0:
                 raise ValueError("a prompt list needs at least one template")
-            for t in templates:
+            for k, t in enumerate(templates):
                 if TEXT_SLOT not in t:
-                    raise ValueError(f"template {t!r} has no {TEXT_SLOT} slot")
+                    raise RecipeError("" if isinstance(v, str) else str(k), f"template {t!r} has no {TEXT_SLOT} slot")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         counts = {t.count(PLACEHOLDER_MARKER) for t in self.templates}
         if not self.tp.empty and counts == {0}:
-            raise ValueError(f"a TP schedule needs a {PLACEHOLDER_MARKER} marker in the prompt")
+            raise RecipeError("tp", f"a TP schedule needs a {PLACEHOLDER_MARKER} marker in the prompt (it has none)")
         if self.placeholder.mask != "none" and counts == {0}:
-            raise ValueError(f"placeholder.mask needs a {PLACEHOLDER_MARKER} marker in the prompt")
+            raise RecipeError("placeholder.mask", f"needs a {PLACEHOLDER_MARKER} marker in the prompt (it has none)")
         if self.attention.bidirectional != "none" and counts == {0}:
-            raise ValueError(f"attention.bidirectional starts at the placeholder: the prompt needs {PLACEHOLDER_MARKER}")
+            raise RecipeError("attention.bidirectional",
+                              f"starts at the placeholder: the prompt needs a {PLACEHOLDER_MARKER} marker")
         return self
 
     @property
@@ -192,19 +204,42 @@ class Recipe(_Frozen):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention)$"
+                        r"|^(literal|tuple|list|dict|set|union|function-[a-z-]+)\[")
+
+
+def _field_of(loc: tuple) -> str:
+    """The dotted recipe field of a pydantic error location, without the union-member tags pydantic adds."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.match(str(p))) or "<recipe>"
+
+
+def _own_field(error: dict) -> dict:
+    """A RecipeError raised inside a validator names its field relative to the validator's location."""
+    inner = (error.get("ctx") or {}).get("error")
+    if isinstance(inner, RecipeError):
+        loc = tuple(error["loc"]) + tuple(p for p in inner.field.split(".") if p)
+        return {**error, "loc": loc, "msg": str(inner).split(": ", 1)[1]}
+    return error
+
+
 def _error_from_validation(exc: ValidationError) -> RecipeError:
-    errors = exc.errors()
+    errors = [_own_field(e) for e in exc.errors()]
     first = errors[0]
-    field = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal[", "tuple[", "str")))
-    field = field or "<recipe>"
-    msg = first["msg"]
+    field = _field_of(first["loc"])
+    deeper = [e for e in errors if _field_of(e["loc"]).startswith(field + ".")]
+    if deeper:  # a list given to a str-or-list field: the item's error says more than "not a string"
+        first = deeper[0]
+        field = _field_of(first["loc"])
+    msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _field_of(e["loc"]) == field))
+    msg = "; or: ".join(msgs)  # the alternatives of a union (exit_layer: an integer or 'auto')
     if first["type"] == "extra_forbidden":
         model = _model_at(first["loc"][:-1])
         allowed = ", ".join(model.model_fields) if model else "see tpsurgery recipe schema"
         msg = f"unknown key (allowed here: {allowed})"
-    if len(errors) > 1:
-        others = "; ".join(".".join(map(str, e["loc"])) or "<recipe>" for e in errors[1:4])
-        msg += f" (also: {others})"
+    others = list(dict.fromkeys(f for f in map(_field_of, (e["loc"] for e in errors))
+                                if f != field and not field.startswith(f + ".")))
+    if others:
+        msg += f" (also: {'; '.join(others[:3])})"
     return RecipeError(field, msg)
 
 
@@ -226,6 +261,63 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _load_yaml(text: str) -> Any:
+    """``yaml.SafeLoader`` (no python/* tags) that also refuses duplicate keys, which YAML resolves silently."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        _check_duplicates(node, (), set())
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: Any, path: tuple, seen_nodes: set) -> None:
+    if id(node) in seen_nodes:  # an alias: checked where it was defined (walking it again can be exponential)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise RecipeError(".".join((*path, key)),
+                                  f"appears twice in the same mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+            _check_duplicates(value_node, (*path, str(key)), seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, (*path, str(i)), seen_nodes)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+_MAX_VALUES = 10_000
+
+
+def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
+    """Recipes hold strings, numbers, booleans, null, lists and mappings with string keys: nothing a YAML tag made.
+
+    At most ``_MAX_VALUES`` values in all: YAML aliases can make a 1 kB file expand exponentially ("billion laughs").
+    """
+    budget = [_MAX_VALUES] if budget is None else budget
+    budget[0] -= 1
+    where = ".".join(map(str, path)) or "<recipe>"
+    if budget[0] < 0 or len(path) > 32:
+        raise RecipeError("<recipe>" if budget[0] < 0 else where, f"the recipe is too large or too deeply nested "
+                          f"(more than {_MAX_VALUES} values or 32 levels; YAML aliases that expand?)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RecipeError(where, f"keys must be strings, got {type(k).__name__} {k!r}")
+            _check_plain(v, (*path, k), budget)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, (*path, i), budget)
+    elif not isinstance(value, _PLAIN):
+        raise RecipeError(where, f"a {type(value).__name__} value (from a YAML tag such as !!binary, !!set or a date?) "
+                                 "is not allowed: use strings, numbers, booleans, lists and mappings")
+
+
 def parse_recipe(source: str | dict | Recipe) -> Recipe:
     """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field."""
     if isinstance(source, Recipe):
@@ -234,9 +326,15 @@ def parse_recipe(source: str | dict | Recipe) -> Recipe:
         if len(source.encode()) > MAX_RECIPE_BYTES:
             raise RecipeError("<recipe>", f"recipe text is larger than {MAX_RECIPE_BYTES} bytes")
         try:
-            source = yaml.safe_load(source)
+            source = _load_yaml(source)
+        except RecipeError:
+            raise
         except yaml.YAMLError as exc:
             raise RecipeError("<recipe>", f"not valid YAML (only plain YAML is accepted, no tags): {exc}") from None
+        except RecursionError:
+            raise RecipeError("<recipe>", "the YAML is nested too deeply") from None
+        if isinstance(source, dict):
+            _check_plain(source, ())
     if source is None:
         source = {}
     if not isinstance(source, dict):
@@ -257,7 +355,11 @@ def load_recipe(path: str | Path) -> Recipe:
     if p.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError("<recipe>", f"{p} is larger than {MAX_RECIPE_BYTES} bytes")
     try:
-        recipe = parse_recipe(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError("<recipe>", f"cannot read {p} as UTF-8 text: {exc}") from None
+    try:
+        recipe = parse_recipe(text)
     except RecipeError as exc:
         raise RecipeError(exc.field, f"{str(exc).split(': ', 1)[1]} (in {p})") from None
     return recipe
