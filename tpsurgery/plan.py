@@ -15,6 +15,7 @@ read hidden_states[3] (output of decoder layer 2); layers 3.. and the LM head ne
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -110,6 +111,15 @@ def initial_vector(recipe: Recipe, hidden_size: int) -> torch.Tensor | None:
     return torch.randn(hidden_size, generator=g) * p.std + p.mean
 
 
+def _warn_dropped(tp, m: int) -> None:
+    """One warning when the exit layer cuts off explicitly scheduled TP layers (``resume`` runs up to M by design)."""
+    cut = [f"tp.spans.{k} [{s.start}, {s.stop})" for k, s in enumerate(tp.spans) if s.stop > m]
+    if cut:
+        read = "the embedding output" if m == 0 else f"the output of decoder layer {m - 1}"
+        warnings.warn(f"{', '.join(cut)}: TP before decoder layers >= {m} is dropped, because exit_layer reads "
+                      f"hidden_states[{m}] ({read}), which later layers cannot change", UserWarning, stacklevel=3)
+
+
 def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id: int | None = None,
                  exit_layer: int | None = None) -> Plan:
     """Check a recipe against a model's depth and fix the per-layer schedule. ``exit_layer`` overrides the recipe's."""
@@ -127,6 +137,7 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         layers.extend(range(tp.resume, n_layers))
     # TP before layer i only changes hidden_states[j] for j > i: layers >= M never influence the read.
     tp_layers = tuple(sorted(i for i in set(layers) if i < m))
+    _warn_dropped(tp, m)
     mask_layers = (0,) if recipe.placeholder.mask == "first_layer" and m > 0 else ()
     att = recipe.attention
     bidir: tuple[int, ...] = ()
