@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .cache import as_cache
 from .embedder import Embedder
 from .errors import ModelError
 from .models import DEFAULT_MODEL, load_model
@@ -72,8 +73,12 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, Any]:
 
 
 def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: Any = None,
-          backend: str = "nnsight") -> Embedder:
-    """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. The model is never modified."""
+          backend: str = "nnsight", prefix_cache: bool = True, embedding_cache: Any = None) -> Embedder:
+    """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. The model is never modified.
+
+    ``prefix_cache``: reuse the prompt prefix's keys/values where that is exact (see :mod:`tpsurgery.prefix`);
+    ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk.
+    """
     recipe = as_recipe(recipe)
     hf_model, tokenizer, envoy = resolve_model(model, tokenizer)
     if backend == "nnsight":
@@ -82,4 +87,5 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
         engine = NNsightBackend(hf_model, envoy=envoy)
     else:
         raise ModelError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec)
+    return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
+                    embedding_cache=embedding_cache)

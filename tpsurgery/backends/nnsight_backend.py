@@ -23,6 +23,7 @@ class NNsightBackend:
     """Runs plans through ``nnsight.NNsight`` wrapped around an unmodified transformers model."""
 
     name = "nnsight"
+    supports_prefix = True  # runs the rest of a sequence on top of a prompt prefix's keys/values (tpsurgery.prefix)
 
     def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None):
         import nnsight
@@ -32,7 +33,8 @@ class NNsightBackend:
         self.envoy = envoy if envoy is not None else nnsight.NNsight(model)
         self.n_layers = len(get_path(model, self.spec.layers))
 
-    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None) -> torch.Tensor:
+    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None,
+            prefix: Any = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
         kwargs = dict(
             input_ids=batch.input_ids.to(device),
@@ -40,6 +42,10 @@ class NNsightBackend:
             position_ids=batch.position_ids.to(device),
             use_cache=False,
         )
+        if prefix is not None:  # batch holds the rows after the shared prefix; indices are relative to it
+            if plan.needs_masks or attention_masks is not None:
+                raise BackendError("prefix reuse cannot be combined with attention-mask edits")
+            kwargs = prefix.model_inputs(batch, device)
         try:
             return self._trace(plan, batch, all_layers, kwargs)
         except TpsurgeryError:

@@ -1,0 +1,174 @@
+"""An optional on-disk embedding cache: re-evaluations are instant and never stale.
+
+Entries are keyed by (model fingerprint, tokenizer fingerprint, plan key, text). The model fingerprint hashes the
+model class, its config, and the raw bytes of every parameter and buffer (SHA-256; about 1 s for SmolLM2-135M on
+CPU), memoized per model object for as long as no tensor was replaced or modified in place (torch bumps a tensor's
+version counter on every in-place write). The plan key covers the recipe's semantics (``Recipe.hash``), the compiled
+plan (resolved exit layer, TP layers, placeholder vector, ...), ``all_layers``, the backend, the device type and the
+tpsurgery version. Storage is one SQLite file; each ``put`` is one transaction, so a crash never leaves half an entry.
+
+>>> import tempfile, numpy as np
+>>> cache = EmbeddingCache(tempfile.mkdtemp())
+>>> cache.put("k", {"a": np.ones(3, np.float32)})
+>>> cache.get("k", ["a", "b"])["a"].tolist(), list(cache.get("k", ["b"]))
+([1.0, 1.0, 1.0], [])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+CACHE_FORMAT = 1
+
+
+def _tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def weights_token(model: Any) -> int:
+    """A cheap token that changes whenever a parameter or buffer is replaced, moved, or written in place.
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> m = tiny_model("llama")[0]; t = weights_token(m)
+    >>> with torch.no_grad(): _ = m.model.norm.weight.mul_(2)
+    >>> weights_token(m) == t
+    False
+    """
+    return hash(tuple((name, t.data_ptr(), t._version, t.dtype, t.device.type) for name, t in _tensors(model)))
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, tuple[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: Any) -> str:
+    """SHA-256 over the model class, config and every parameter's and buffer's bytes (memoized while unchanged).
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> a = tiny_model("llama", seed=0)[0]
+    >>> model_fingerprint(a) == model_fingerprint(tiny_model("llama", seed=0)[0]) != model_fingerprint(tiny_model("llama", seed=1)[0])
+    True
+    """
+    token = weights_token(model)
+    hit = _FINGERPRINTS.get(model)
+    if hit is not None and hit[0] == token:
+        return hit[1]
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        d.pop("_name_or_path", None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in _tensors(model):
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            flat = t.detach().to("cpu").contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    digest = h.hexdigest()[:32]
+    _FINGERPRINTS[model] = (token, digest)
+    return digest
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the tokenizer's full definition (vocabulary, merges, normalizer, special tokens)."""
+    h = hashlib.sha256(type(tokenizer).__qualname__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def plan_key(recipe: Any, plan: Any, *, all_layers: bool, backend: str, device: str) -> str:
+    """What, besides model and tokenizer, decides an embedding: recipe semantics, the compiled plan, the engine."""
+    from . import __version__
+
+    fields = {k: v for k, v in vars(plan).items() if k != "init_vector"}
+    iv = plan.init_vector
+    fields["init_vector"] = None if iv is None else hashlib.sha256(iv.float().numpy().tobytes()).hexdigest()
+    body = dict(format=CACHE_FORMAT, version=__version__, recipe=recipe.hash(), plan=fields, all_layers=all_layers,
+                backend=backend, device=device)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class EmbeddingCache:
+    """Embeddings on disk under ``directory`` (default: ``<tpsurgery cache>/embeddings``), one SQLite file."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        if directory is None:
+            from .models import cache_dir
+
+            directory = cache_dir() / "embeddings"
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "embeddings.sqlite"
+        self.hits = 0
+        self.misses = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60)
+        con.execute("CREATE TABLE IF NOT EXISTS emb (k TEXT PRIMARY KEY, shape TEXT NOT NULL, v BLOB NOT NULL)")
+        return con
+
+    @staticmethod
+    def _row_key(key: str, text: str) -> str:
+        return hashlib.sha256(f"{key}\0{text}".encode()).hexdigest()
+
+    def get(self, key: str, texts: Iterable[str]) -> dict[str, np.ndarray]:
+        """The cached float32 embeddings of those ``texts`` that have one under ``key``."""
+        texts = list(texts)
+        by_row = {self._row_key(key, t): t for t in texts}
+        out: dict[str, np.ndarray] = {}
+        con = self._connect()
+        try:
+            rows = list(by_row)
+            for k in range(0, len(rows), 500):
+                chunk = rows[k: k + 500]
+                q = f"SELECT k, shape, v FROM emb WHERE k IN ({','.join('?' * len(chunk))})"
+                for rk, shape, v in con.execute(q, chunk):
+                    out[by_row[rk]] = np.frombuffer(v, dtype=np.float32).reshape(json.loads(shape)).copy()
+        finally:
+            con.close()
+        self.hits += len(out)
+        self.misses += len(texts) - len(out)
+        return out
+
+    def put(self, key: str, embeddings: Mapping[str, np.ndarray]) -> None:
+        """Store embeddings (one transaction: all or nothing)."""
+        con = self._connect()
+        try:
+            with con:
+                con.executemany(
+                    "INSERT OR REPLACE INTO emb (k, shape, v) VALUES (?, ?, ?)",
+                    [(self._row_key(key, t), json.dumps(list(e.shape)), np.ascontiguousarray(e, np.float32).tobytes())
+                     for t, e in embeddings.items()],
+                )
+        finally:
+            con.close()
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        con = self._connect()
+        try:
+            with con:
+                con.execute("DELETE FROM emb")
+        finally:
+            con.close()
+
+
+def as_cache(cache: Any) -> EmbeddingCache | None:
+    """``None``/``False`` -> no cache; ``True`` -> the default directory; a path -> a cache there; a cache as is."""
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return EmbeddingCache()
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    return EmbeddingCache(cache)

@@ -1,0 +1,140 @@
+"""Prompt-prefix reuse: the keys/values of the prompt text before the first placeholder, computed once per template.
+
+Every sentence of a template starts with the same tokens (the prompt up to the first ``<PST>``, or up to the sentence
+when there is none). By causality those tokens' keys and values do not depend on what follows, and TP only edits rows
+at or after the placeholder, so they are computed once (batch 1) and every batch runs only the rest of the sequence on
+top of them. The rest is left-padded on its own, so pads sit *between* prefix and sentence: exact for full attention
+(pads are masked and position ids count visible tokens), but sliding-window layers (Gemma2/3) measure the window in key
+columns, pads included. There, :attr:`Prefix.exact_length` asks the embedder to batch only rows of equal length (no
+pads at all).
+
+>>> from tpsurgery.prompts import Encoded
+>>> rows = [Encoded((7, 8, 9, 0, 5, 6), (3,), (4, 5)), Encoded((7, 8, 9, 0, 4), (3,), (4, 5))]
+>>> shared_prefix_length(rows, source=-1)
+3
+>>> [r.ids for r in split_rows(rows, 3)], [r.placeholders for r in split_rows(rows, 3)]
+([(0, 5, 6), (0, 4)], [(0,), (0,)])
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .plan import Batch
+from .prompts import Encoded
+
+
+def shared_prefix_length(rows: Sequence[Encoded], source: int = -1) -> int:
+    """Tokens every row shares before its first placeholder and first sentence token.
+
+    At least one token (and the TP source row) stays in the part that is recomputed per batch.
+    """
+    if not rows:
+        return 0
+    limit = min(min([*r.placeholders[:1], r.text_span[0], len(r.ids) - 1, len(r.ids) + source]) for r in rows)
+    first = rows[0].ids
+    n = 0
+    while n < limit and all(r.ids[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def split_rows(rows: Sequence[Encoded], length: int) -> list[Encoded]:
+    """The rows without their first ``length`` tokens (placeholder and sentence indices shifted)."""
+    return [Encoded(r.ids[length:], tuple(p - length for p in r.placeholders),
+                    (r.text_span[0] - length, r.text_span[1] - length), r.truncated) for r in rows]
+
+
+def _is_sliding(model: Any, cache: Any) -> bool:
+    cfg = model.config
+    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+        return True
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return True
+    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A template's shared prompt prefix and its keys/values (batch 1, never mutated)."""
+
+    ids: tuple[int, ...]
+    cache: Any
+    exact_length: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def cache_for(self, batch_size: int) -> Any:
+        """A fresh cache holding the prefix for ``batch_size`` rows (the forward appends to it; the stored one stays)."""
+        from transformers.cache_utils import DynamicLayer
+
+        c = copy.copy(self.cache)
+        c.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in c.layers:
+            if isinstance(layer, DynamicLayer) and getattr(layer, "is_initialized", False):
+                # ``update`` concatenates into new tensors, so broadcast views are never written to
+                layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
+                layer.values = layer.values.expand(batch_size, -1, -1, -1)
+            else:
+                layer.batch_repeat_interleave(batch_size)
+        return c
+
+    def model_inputs(self, batch: Batch, device: Any) -> dict[str, Any]:
+        """Forward kwargs for the rest of the sequence: the mask covers prefix + rest, positions continue the prefix."""
+        b = batch.size
+        ones = torch.ones((b, self.length), dtype=batch.attention_mask.dtype)
+        return dict(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=torch.cat([ones, batch.attention_mask], 1).to(device),
+            position_ids=(batch.position_ids + self.length).to(device),
+            cache=self.cache_for(b),
+            use_cache=True,
+        )
+
+
+def compute_prefix(model: Any, ids: Sequence[int]) -> Prefix | None:
+    """Run the prefix once and keep its keys/values; None if this model's forward does not return a usable cache."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    device = next(model.parameters()).device
+    t = torch.tensor([list(ids)], device=device)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=t, attention_mask=torch.ones_like(t), position_ids=torch.arange(len(ids), device=device)[None],
+                        use_cache=True)
+    except (TypeError, ValueError):
+        return None
+    cache = out.get("cache", None) if hasattr(out, "get") else None
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if not isinstance(cache, Cache) or not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
+        return None
+    return Prefix(tuple(ids), cache, _is_sliding(model, cache))
+
+
+class PrefixStore:
+    """Prefix keys/values per (weights version, prefix ids), a few templates deep (MetaEOL has eight)."""
+
+    def __init__(self, model: Any, size: int = 16):
+        self.model = model
+        self.size = size
+        self._store: dict[tuple, Prefix | None] = {}
+        self.computed = 0
+
+    def get(self, ids: Sequence[int]) -> Prefix | None:
+        from .cache import weights_token
+
+        key = (weights_token(self.model), tuple(ids))
+        if key not in self._store:
+            if len(self._store) >= self.size:
+                self._store.pop(next(iter(self._store)))
+            self._store[key] = compute_prefix(self.model, ids)
+            self.computed += 1
+        return self._store[key]
+
