@@ -27,3 +27,20 @@ def test_official_compat_truncates_long_sentences(arch):
     assert len(row.ids) == 512 and row.truncated
     # without markers both modes are the same token sequence, so the same embedding
     np.testing.assert_array_equal(got, exact.encode("0" * 600))
+
+
+@pytest.mark.parametrize("template", [None, "<PST>{text} x", "{text}"])
+def test_official_compat_keeps_bos_when_the_template_starts_empty(template):
+    """compat=official skipped an empty first chunk, and with it the tokenizer's BOS: a template starting with <PST>
+    lost its BOS (the reference code tokenizes the whole prompt, BOS first), and an empty sentence without a prompt
+    became a zero-token input. Found by test_identity_without_tp_equals_hf_hidden_states (prompt None, bos, text '')."""
+    model, tok = model_for("llama", bos=True)
+    recipe = {"prompt": template, "compat": "official"}
+    if template and "<PST>" in template:
+        recipe["tp"] = {"start": 0, "stop": 1}
+    emb = tpsurgery.apply(model, recipe, tokenizer=tok)
+    for text in ("", "ab"):
+        row = emb.tokenize([text], emb.recipe.templates[0])[0]
+        assert row.ids[0] == tok.bos_token_id
+        assert row.ids == emb.tokenize([text], emb.recipe.templates[0])[0].ids
+    assert emb.encode("").shape == (model.config.hidden_size,)

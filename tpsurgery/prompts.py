@@ -178,7 +178,7 @@ def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: i
             placeholders.append(len(ids))
             ids.append(placeholder_id)
         s, _, span = _fill(chunk, text)
-        if not s:
+        if not s and k > 0:  # the first chunk is tokenized even when empty: it carries the BOS
             continue
         enc = tokenizer([s], return_offsets_mapping=True, add_special_tokens=(k == 0))
         for tok, (a, b) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
