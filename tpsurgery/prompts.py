@@ -98,28 +98,74 @@ def encode_prompts(
     preprocess: bool,
     max_length: int | None = None,
     compat: str = "exact",
+    warn: bool = True,
 ) -> list[Encoded]:
     """Tokenize ``texts`` inside ``template``: one placeholder token at each marker's token boundary.
 
     ``compat="exact"``: the sequence is the marker-free prompt's tokenization plus one token per marker.
     ``compat="official"``: like the reference code, which adds ``<PST>`` to the vocabulary: the pieces between markers
     are tokenized separately (on byte-level BPE this leaves a lone-space token before the placeholder).
+
+    User text is ordinary text: a ``<PST>`` or a special token's text in it (``<|endoftext|>``) is split into ordinary
+    tokens, never turned into a placeholder or a special token. Rows longer than ``max_length`` are truncated (the
+    sentence is cut, the prompt kept) with one warning per call (``warn``) naming how many inputs were cut.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError("tpsurgery needs a fast (Rust) tokenizer with offset mappings; got a slow tokenizer")
     pieces = split_template(template)
     texts = [preprocess_sentence(t) if preprocess else t for t in texts]
+    tok = _Tokenize(tokenizer, template)
     if compat == "official":
-        return [_official_within(tokenizer, template, t, placeholder_id, max_length, i) for i, t in enumerate(texts)]
-    filled = [_fill(pieces, t) for t in texts]
-    enc = tokenizer([f[0] for f in filled], return_offsets_mapping=True, add_special_tokens=True)
-    out = []
-    for i, (text, (_, markers, span)) in enumerate(zip(texts, filled)):
-        e = _splice(enc["input_ids"][i], enc["offset_mapping"][i], markers, span, placeholder_id)
-        if max_length is not None and len(e.ids) > max_length:
-            e = _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, enc["offset_mapping"][i], i)
-        out.append(e)
+        out = [_official_within(tok, template, t, placeholder_id, max_length, i) for i, t in enumerate(texts)]
+    else:
+        filled = [_fill(pieces, t) for t in texts]
+        enc = tok([f[0] for f in filled])
+        out = []
+        for i, (text, (_, markers, span)) in enumerate(zip(texts, filled)):
+            tok.check_text(enc["input_ids"][i], enc["offset_mapping"][i], span, i)
+            e = _splice(enc["input_ids"][i], enc["offset_mapping"][i], markers, span, placeholder_id)
+            if max_length is not None and len(e.ids) > max_length:
+                e = _truncate(tok, pieces, text, e, placeholder_id, max_length, enc["offset_mapping"][i], i)
+            out.append(e)
+    cut = [i for i, e in enumerate(out) if e.truncated]
+    if cut and warn:
+        warnings.warn(truncation_message(cut, max_length), UserWarning, stacklevel=3)
     return out
+
+
+def truncation_message(indices: Sequence[int], max_length: int | None) -> str:
+    """The one warning of a call that truncated ``indices``."""
+    shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+    return (f"{len(indices)} input(s) truncated to the model's limit of {max_length} tokens "
+            f"(the end of the sentence is dropped; inputs {shown})")
+
+
+class _Tokenize:
+    """The tokenizer call used for prompts: user text never yields special tokens (no prompt injection).
+
+    Special tokens written in the template itself (chat markers) stay special; then the text span is checked instead.
+    """
+
+    def __init__(self, tokenizer: Any, template: str):
+        self.tokenizer = tokenizer
+        specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", ()) if str(t)]
+        literal = "".join(p for p in split_template(template) if p not in (PLACEHOLDER_MARKER, TEXT_SLOT))
+        self.template_has_specials = any(t in literal for t in specials)
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", ()))
+
+    def __call__(self, strings: list[str], add_special_tokens: bool = True) -> Any:
+        return self.tokenizer(strings, return_offsets_mapping=True, add_special_tokens=add_special_tokens,
+                              split_special_tokens=not self.template_has_specials)
+
+    def check_text(self, ids, offsets, span, index) -> None:
+        """With special tokens in the template, a special token inside the user text is refused (InputError)."""
+        if not self.template_has_specials:
+            return
+        for tok, (s, e) in zip(ids, offsets):
+            if tok in self.special_ids and s < e and s < span[1] and e > span[0]:
+                name = self.tokenizer.convert_ids_to_tokens(tok)
+                raise InputError(index, f"the text contains the special token {name!r}; the template uses special "
+                                        "tokens too, so it cannot be split off safely")
 
 
 def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, index) -> Encoded:
@@ -131,12 +177,9 @@ def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, i
     _, _, span = _fill(pieces, text)
     text_tok_offsets = [(s, t) for (s, t) in offsets if s != t and s < span[1] and t > span[0]]
     cut = max(text_tok_offsets[n_text - excess][0] - span[0], 0)
-    warnings.warn(
-        f"input {index}: truncated to the model's limit of {max_length} tokens", UserWarning, stacklevel=4
-    )
     for _ in range(8):  # retokenizing the cut text can merge differently; shrink until it fits
         f_str, markers, span2 = _fill(pieces, text[:cut])
-        enc = tokenizer([f_str], return_offsets_mapping=True, add_special_tokens=True)
+        enc = tokenizer([f_str])
         e2 = _splice(enc["input_ids"][0], enc["offset_mapping"][0], markers, span2, placeholder_id)
         if len(e2.ids) <= max_length:
             return Encoded(e2.ids, e2.placeholders, e2.text_span, truncated=True)
@@ -158,7 +201,6 @@ def _official_within(tokenizer, template, text, placeholder_id, max_length, inde
             hi = mid - 1
     if lo == 0:
         raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
-    warnings.warn(f"input {index}: truncated to the model's limit of {max_length} tokens", UserWarning, stacklevel=4)
     e = _encode_official(tokenizer, template, text[:lo], placeholder_id)
     return Encoded(e.ids, e.placeholders, e.text_span, truncated=True)
 
@@ -180,7 +222,7 @@ def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: i
         s, _, span = _fill(chunk, text)
         if not s and k > 0:  # the first chunk is tokenized even when empty: it carries the BOS
             continue
-        enc = tokenizer([s], return_offsets_mapping=True, add_special_tokens=(k == 0))
+        enc = tokenizer([s], add_special_tokens=(k == 0))
         for tok, (a, b) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
             if TEXT_SLOT in chunk and a != b and a < span[1] and b > span[0]:
                 text_tokens.append(len(ids))

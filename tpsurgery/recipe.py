@@ -222,6 +222,15 @@ def _own_field(error: dict) -> dict:
     return error
 
 
+def _message(error: dict) -> str:
+    """Pydantic's message plus the offending value when it is a short scalar."""
+    msg = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    if error["type"] != "value_error" and isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 60:
+        msg += f" (got {value!r})"
+    return msg
+
+
 def _error_from_validation(exc: ValidationError) -> RecipeError:
     errors = [_own_field(e) for e in exc.errors()]
     first = errors[0]
@@ -230,7 +239,7 @@ def _error_from_validation(exc: ValidationError) -> RecipeError:
     if deeper:  # a list given to a str-or-list field: the item's error says more than "not a string"
         first = deeper[0]
         field = _field_of(first["loc"])
-    msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _field_of(e["loc"]) == field))
+    msgs = list(dict.fromkeys(_message(e) for e in errors if _field_of(e["loc"]) == field))
     msg = "; or: ".join(msgs)  # the alternatives of a union (exit_layer: an integer or 'auto')
     if first["type"] == "extra_forbidden":
         model = _model_at(first["loc"][:-1])
@@ -303,7 +312,7 @@ def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
     budget[0] -= 1
     where = ".".join(map(str, path)) or "<recipe>"
     if budget[0] < 0 or len(path) > 32:
-        raise RecipeError("<recipe>" if budget[0] < 0 else where, f"the recipe is too large or too deeply nested "
+        raise RecipeError("<recipe>" if budget[0] < 0 else str(path[0]), f"the recipe is too large or too deeply nested "
                           f"(more than {_MAX_VALUES} values or 32 levels; YAML aliases that expand?)")
     if isinstance(value, dict):
         for k, v in value.items():

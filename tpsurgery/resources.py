@@ -1,0 +1,103 @@
+"""Running out of memory gracefully: split a batch in halves and retry, down to one input.
+
+>>> import torch
+>>> from tpsurgery.resources import run_splitting
+>>> def run(rows):  # pretend that more than two rows do not fit
+...     if len(rows) > 2:
+...         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+...     return torch.tensor(rows, dtype=torch.float32)
+>>> state = {}
+>>> import warnings
+>>> with warnings.catch_warnings(record=True) as caught:
+...     warnings.simplefilter("always")
+...     run_splitting(run, [5, 3, 8, 1, 4], state).tolist()
+[5.0, 3.0, 8.0, 1.0, 4.0]
+>>> state["cap"], len(caught)          # later batches start at the size that fitted; one warning per call
+(2, 1)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import BackendError, InputError, TpsurgeryError
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it wraps (``__cause__`` / ``__context__``) is an out-of-memory error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_memory() -> None:
+    """Give cached accelerator memory back after an out-of-memory error (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_splitting(run: Callable[[list[int]], torch.Tensor], idx: Sequence[int], state: dict) -> torch.Tensor:
+    """``run(idx)``; on out of memory, ``run`` each half and concatenate (rows keep their order).
+
+    ``state`` lives for one ``encode`` call: ``state["cap"]`` is the largest batch that fitted after a split (later
+    batches are cut to it up front), and the first split emits one warning. A single input that still does not fit
+    raises :class:`BackendError` naming it (``index``: its position in ``idx``'s numbering).
+    """
+    idx = list(idx)
+    cap = state.get("cap")
+    if cap and len(idx) > cap:
+        return torch.cat([run_splitting(run, idx[k: k + cap], state) for k in range(0, len(idx), cap)])
+    try:
+        return run(idx)
+    except TpsurgeryError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        error = exc
+    except Exception as exc:  # a backend that does not wrap its errors
+        if not is_out_of_memory(exc):
+            raise
+        error = exc
+    free_memory()
+    if len(idx) == 1:
+        err = BackendError(f"input {idx[0]}: out of memory even in a batch of one; shorten the text or use a "
+                           f"smaller model / another device ({_reason(error)})")
+        err.index = idx[0]
+        raise err from error
+    half = (len(idx) + 1) // 2
+    state["cap"] = half
+    if not state.get("warned"):
+        state["warned"] = True
+        warnings.warn(f"out of memory with a batch of {len(idx)}: retrying in batches of at most {half}",
+                      UserWarning, stacklevel=4)
+    return torch.cat([run_splitting(run, idx[:half], state), run_splitting(run, idx[half:], state)])
+
+
+def _reason(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]) -> TpsurgeryError:
+    """``exc`` renumbered from the de-duplicated list ``done`` to the caller's ``texts`` (first occurrence)."""
+    index = getattr(exc, "index", None)
+    if index is None or not 0 <= index < len(done):
+        return exc
+    user = texts.index(done[index]) if isinstance(texts, list) else list(texts).index(done[index])
+    if user == index:
+        return exc
+    body = str(exc).split(": ", 1)[1] if str(exc).startswith(f"input {index}: ") else str(exc)
+    if isinstance(exc, InputError):
+        new: TpsurgeryError = InputError(user, body)
+    else:
+        new = BackendError(f"input {user}: {body}", layer=getattr(exc, "layer", None))
+        new.index = user
+    new.__cause__ = exc.__cause__
+    return new
