@@ -8,7 +8,7 @@
 >>> tpsurgery.apply(42, "recipes/prompteol.yaml")
 Traceback (most recent call last):
 ...
-tpsurgery.errors.ModelError: cannot apply a recipe to int. Accepted: a transformers causal LM (PreTrainedModel), an nnsight NNsight/TransformersModel wrapping one, a model name or path (Hugging Face id, local folder, .gguf file, or 'smollm2-135m')
+tpsurgery.errors.ModelError: cannot apply a recipe to int. Accepted: a transformers causal LM (PreTrainedModel), an nnsight NNsight/TransformersModel wrapping one, a TransformerLens TransformerBridge, a model name or path (Hugging Face id, local folder, .gguf file, or 'smollm2-135m')
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from .errors import ModelError
 from .models import DEFAULT_MODEL, load_model
 from .recipe import Recipe, load_recipe, parse_recipe
 
-BACKENDS = ("nnsight",)
+BACKENDS = ("nnsight", "transformer_lens")
 ACCEPTED = (
     "a transformers causal LM (PreTrainedModel), an nnsight NNsight/TransformersModel wrapping one, "
+    "a TransformerLens TransformerBridge, "
     f"a model name or path (Hugging Face id, local folder, .gguf file, or {DEFAULT_MODEL!r})"
 )
 
@@ -73,15 +74,24 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, Any]:
 
 
 def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: Any = None,
-          backend: str = "nnsight", prefix_cache: bool = True, embedding_cache: Any = None) -> Embedder:
+          backend: str | None = None, prefix_cache: bool = True, embedding_cache: Any = None) -> Embedder:
     """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. The model is never modified.
 
     ``prefix_cache``: reuse the prompt prefix's keys/values where that is exact (see :mod:`tpsurgery.prefix`);
     ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk.
+
+    ``backend``: ``nnsight`` (default) or ``transformer_lens`` (default for a ``TransformerBridge``; for any other
+    model it bridges a copy, see :mod:`tpsurgery.backends.tl_backend`).
     """
     recipe = as_recipe(recipe)
+    from .backends.tl_backend import is_bridge
+
+    if is_bridge(model) or backend == "transformer_lens":
+        hf_model, tokenizer, engine = _transformer_lens(model, tokenizer, backend)
+        return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
+                        embedding_cache=embedding_cache)
     hf_model, tokenizer, envoy = resolve_model(model, tokenizer)
-    if backend == "nnsight":
+    if backend in (None, "nnsight"):
         from .backends.nnsight_backend import NNsightBackend
 
         engine = NNsightBackend(hf_model, envoy=envoy)
@@ -89,3 +99,25 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
         raise ModelError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
                     embedding_cache=embedding_cache)
+
+
+def _transformer_lens(model: Any, tokenizer: Any, backend: str | None) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, TransformerLensBackend)`` for a bridge, or for any other model (booted from a copy)."""
+    from .backends.tl_backend import TransformerLensBackend, is_bridge
+
+    if not is_bridge(model):
+        hf_model, tokenizer, _ = resolve_model(model, tokenizer)
+        engine = TransformerLensBackend.from_model(hf_model, tokenizer)
+    elif backend not in (None, "transformer_lens"):
+        raise ModelError(f"a TransformerBridge runs on the transformer_lens backend, not {backend!r} (booting "
+                         "changed the wrapped model; pass the original transformers model for nnsight)")
+    else:
+        engine = TransformerLensBackend(model)
+        if tokenizer is None:  # the model's own tokenizer, as nnsight would load it; TL's adds a BOS token
+            try:
+                tokenizer = _tokenizer_for(engine.model)
+            except ModelError:
+                tokenizer = model.tokenizer
+                if tokenizer is None:
+                    raise
+    return engine.model, tokenizer, engine
