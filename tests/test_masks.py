@@ -18,6 +18,8 @@ from tpsurgery.masks import allowed, layer_masks
 from tpsurgery.plan import collate
 from tpsurgery.testing import tiny_model
 
+from recipe_oracle import additive, rule
+
 N = 4
 TEXTS = ["a b c.", "the cat sat on the mat.", "xy"]
 COT = 'After thinking : <PST> "{text}" means:"'
@@ -26,28 +28,6 @@ COT = 'After thinking : <PST> "{text}" means:"'
 @functools.lru_cache(maxsize=None)
 def model(arch: str, n_layers: int = N):
     return tiny_model(arch, n_layers=n_layers, hidden=32, seed=1)
-
-
-def rule(ids_mask, placeholders, text_end, *, mask_placeholders, bidirectional, window):
-    """Loop-built boolean mask [B, L, L] (query row, key column): the definition in docs/recipes.md."""
-    bsz, length = ids_mask.shape
-    out = torch.zeros((bsz, length, length), dtype=torch.bool)
-    for b in range(bsz):
-        ph = [int(p) for p in placeholders[b]]
-        first, end = min(ph), int(text_end[b])
-        for q in range(length):
-            for kv in range(length):
-                ok = kv <= q and (window is None or q - kv < window)
-                if bidirectional == "last_token" and q >= first and kv == length - 1:
-                    ok = True
-                if bidirectional == "sentence" and first <= q < end and first <= kv < end:
-                    ok = True
-                if mask_placeholders and kv in ph and kv != q:
-                    ok = False
-                out[b, q, kv] = ok and bool(ids_mask[b, kv])
-            if not out[b, q].any():  # padding query: keep its diagonal so no row is empty
-                out[b, q, q] = True
-    return out
 
 
 def oracle(hf, plan, batch):
@@ -73,15 +53,15 @@ def oracle(hf, plan, batch):
         window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
         ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=i in plan.mask_layers,
                   bidirectional=plan.bidirectional if i in plan.bidirectional_layers else "none", window=window)
-        additive = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min).unsqueeze(1)
+        float_mask = additive(ok, dtype)
 
-        def hook(mod, args, kwargs, additive=additive, edit_mask=edit_mask, tp=tp):
+        def hook(mod, args, kwargs, float_mask=float_mask, edit_mask=edit_mask, tp=tp):
             args = list(args)
             if edit_mask:
                 if "attention_mask" in kwargs:
-                    kwargs = {**kwargs, "attention_mask": additive}
+                    kwargs = {**kwargs, "attention_mask": float_mask}
                 else:  # GPT-2 passes (hidden, cache, mask, ...) positionally
-                    args[2] = additive
+                    args[2] = float_mask
             if tp:
                 h = args[0].clone()
                 h[rows, batch.placeholders] = h[:, -1:].clone().expand(-1, batch.placeholders.shape[1], -1)
@@ -152,13 +132,16 @@ def test_masks_follow_the_rule_in_each_layers_own_format(arch):
 
 
 def _layer0_states(hf, tok, recipe, texts):
-    """Output of decoder layer 0 for each text (captured by a plain forward hook during encode)."""
-    seen = []
-    h = hf.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    """Output of decoder layer 0 for each text (captured by a plain forward hook during encode), right-aligned:
+    the prompt prefix may come from a cache, so index positions from the end."""
+    calls, seen = [], []
+    h = hf.model.layers[0].register_forward_hook(lambda m, a, out: calls.append(out.detach().clone()))
     try:
         emb = tpsurgery.apply(hf, recipe, tokenizer=tok)
         for t in texts:
+            calls.clear()
             emb.encode(t)
+            seen.append(calls[-1])  # the call with the placeholder (a cached prompt prefix may run first)
     finally:
         h.remove()
     return emb, seen
@@ -171,11 +154,12 @@ def test_bidirectional_sentence_lets_earlier_tokens_see_the_last_sentence_token(
     for bidir, should_change in (("none", False), ("sentence", True)):
         emb, (a, b) = _layer0_states(hf, tok, {**base, "attention": {"bidirectional": bidir}}, texts)
         row = emb.tokenize(texts[:1], COT)[0]
-        first, last_text = row.placeholders[0], row.text_span[1] - 1
+        n = len(row.ids)
+        first, last_text = row.placeholders[0] - n, row.text_span[1] - 1 - n  # from the end
         before = slice(first, last_text)  # the placeholder and the sentence up to its last token
         changed = (a[0, before] - b[0, before]).abs().amax(-1)
         assert bool((changed > 1e-6).all()) is should_change, (bidir, changed)
-        assert torch.equal(a[0, :first], b[0, :first])  # the prefix never sees the sentence
+        assert not torch.equal(a[0, last_text], b[0, last_text])  # the texts do differ there
 
 
 def test_bidirectional_last_token_lets_placeholder_onward_see_the_last_token():
@@ -189,10 +173,11 @@ def test_bidirectional_last_token_lets_placeholder_onward_see_the_last_token():
                                                  "attention": {"bidirectional": bidir}}, text)
             outs.append(h)
         row = emb.tokenize(text, COT + "X")[0]
-        first = row.placeholders[0]
+        first = row.placeholders[0] - len(row.ids)  # from the end (the prompt prefix may come from a cache)
         diff = (outs[0] - outs[1])[0].abs().amax(-1)
         assert bool((diff[first:-1] > 1e-6).all()) is should_change
-        assert float(diff[:first].max()) == 0.0
+        earlier = diff[:first]
+        assert earlier.numel() == 0 or float(earlier.max()) == 0.0
 
 
 def test_masked_placeholder_makes_the_embedding_independent_of_its_initialisation():
