@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -20,8 +21,10 @@ import torch
 from .arch import ArchSpec, arch_for, get_path
 from .errors import InputError, RecipeError, TpsurgeryError
 from .plan import Batch, Plan, collate, compile_plan
+from .cache import as_cache
+from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, encode_prompts, truncation_message
-from .resources import at_user_index, run_splitting
+from .resources import at_user_index, eval_mode, run_splitting
 from .recipe import Recipe
 
 
@@ -46,10 +49,37 @@ def _placeholder_id(recipe: Recipe, tokenizer: Any, vocab_size: int) -> int:
     return p.token_id
 
 
+@dataclass
+class EncodeStats:
+    """Work counters since the embedder was made: batches, rows, padded vs real tokens, prefix tokens not recomputed.
+
+    >>> s = EncodeStats(); s.count(rows=2, width=4, real=6); s.padding_waste
+    0.25
+    """
+
+    batches: int = 0
+    rows: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    prefix_tokens_saved: int = 0
+
+    def count(self, rows: int, width: int, real: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.tokens += real
+        self.padded_tokens += rows * width
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of the computed positions that are pads (0.0 = no padding)."""
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
 class Embedder:
     """A recipe applied to a model: ``encode`` texts into embeddings; ``explain`` what the recipe does to one text."""
 
-    def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Any, spec: ArchSpec | None = None):
+    def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Any, spec: ArchSpec | None = None,
+                 prefix_cache: bool = True, embedding_cache: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -68,6 +98,11 @@ class Embedder:
         self.max_length = _max_length(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None and pad < vocab else 0
+        # performance options (docs/performance.md): prompt-prefix KV reuse where exact; on-disk embedding cache
+        self.prefix_cache = prefix_cache
+        self.embedding_cache = as_cache(embedding_cache)
+        self._prefixes = PrefixStore(model)
+        self.stats = EncodeStats()
 
     # -- tokenization -------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], template: str, warn: bool = True) -> list[Encoded]:
@@ -77,12 +112,21 @@ class Embedder:
             preprocess=self.recipe.preprocessing, max_length=self.max_length, compat=self.recipe.compat, warn=warn,
         )
 
-    def batches(self, rows: Sequence[Encoded], batch_size: int, plan: Plan | None = None):
-        """Yield ``(indices, Batch)`` in descending length order (less padding); indices restore the order."""
+    def batches(self, rows: Sequence[Encoded], batch_size: int, plan: Plan | None = None, exact_length: bool = False):
+        """Yield ``(indices, Batch)`` in descending length order (less padding); indices restore the order.
+
+        ``exact_length``: a batch holds rows of one length only (no pads at all; see :mod:`tpsurgery.prefix`).
+        """
         plan = plan or self.plan
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-        for k in range(0, len(order), batch_size):
-            idx = order[k: k + batch_size]
+        groups = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
+        if exact_length:
+            buckets: dict[int, list[int]] = {}
+            for i in order:
+                buckets.setdefault(len(rows[i].ids), []).append(i)
+            groups = [b[k: k + batch_size] for b in buckets.values() for k in range(0, len(b), batch_size)]
+        for idx in groups:
+            self.stats.count(len(idx), max(len(rows[i].ids) for i in idx), sum(len(rows[i].ids) for i in idx))
             yield idx, collate([rows[i] for i in idx], self.pad_id, plan.source, indices=idx,
                               hide_placeholders=plan.hide_placeholders)
 
@@ -114,17 +158,25 @@ class Embedder:
         else:
             unique = list(dict.fromkeys(texts))
             where = {t: i for i, t in enumerate(unique)}
-            self._truncated: set[int] = set()  # filled by _encode_unique; one warning per encode call
-            try:
-                per_template = [self._encode_unique(unique, t, batch_size, show_progress_bar, all_layers, plan)
-                                for t in self.recipe.templates]
-            except TpsurgeryError as exc:  # indices of `unique` -> indices of the caller's list
-                raise at_user_index(exc, unique, texts) from exc.__cause__
-            if self._truncated:
-                first = {t: i for i, t in reversed(list(enumerate(texts)))}
-                cut = sorted(first[unique[i]] for i in self._truncated)
-                warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=2)
-            out = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
+            cached, key = self._cached(unique, plan, all_layers)
+            todo = [t for t in unique if t not in cached]
+            if todo:
+                self._truncated: set[int] = set()  # filled by _encode_unique; one warning per encode call
+                try:
+                    with eval_mode(self.model):  # a model left in training mode would apply dropout
+                        per_template = [self._encode_unique(todo, t, batch_size, show_progress_bar, all_layers, plan)
+                                        for t in self.recipe.templates]
+                except TpsurgeryError as exc:  # indices of `todo` -> indices of the caller's list
+                    raise at_user_index(exc, todo, texts) from exc.__cause__
+                if self._truncated:
+                    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+                    cut = sorted(first[todo[i]] for i in self._truncated)
+                    warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=2)
+                new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
+                if key is not None:
+                    self.embedding_cache.put(key, {t: new[i].numpy() for i, t in enumerate(todo)})
+                cached.update({t: new[i] for i, t in enumerate(todo)})
+            out = torch.stack([torch.as_tensor(cached[t]) for t in unique])
             out = out[torch.tensor([where[t] for t in texts])]
         if normalize_embeddings:
             out = torch.nn.functional.normalize(out, dim=-1)
@@ -133,6 +185,17 @@ class Embedder:
         if convert_to_tensor or not convert_to_numpy:
             return out
         return out.numpy()
+
+    def _cached(self, unique: list[str], plan: Plan, all_layers: bool) -> tuple[dict, str | None]:
+        """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""
+        if self.embedding_cache is None:
+            return {}, None
+        from .cache import model_fingerprint, plan_key, tokenizer_fingerprint
+
+        device = next(self.model.parameters()).device.type
+        key = "/".join([model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer),
+                        plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)])
+        return self.embedding_cache.get(key, unique), key
 
     @staticmethod
     def _check_texts(sentences: Any) -> list[str]:
@@ -147,6 +210,10 @@ class Embedder:
     def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan) -> torch.Tensor:
         rows = self.tokenize(texts, template, warn=False)
         getattr(self, "_truncated", set()).update(i for i, r in enumerate(rows) if r.truncated)
+        prefix = self._prefix(rows, plan)  # the shared prompt prefix's keys/values, or None
+        if prefix is not None:
+            rows = split_rows(rows, prefix.length)
+        run_kw = {"prefix": prefix} if prefix is not None else {}
         d = get_path(self.model, self.spec.embed).weight.shape[1]
         shape = (len(texts), plan.exit_layer + 1, d) if all_layers else (len(texts), d)
         out = torch.empty(shape, dtype=torch.float32)
@@ -156,7 +223,7 @@ class Embedder:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(texts), desc="encode", unit="text")
-        for idx, batch in self.batches(rows, batch_size, plan):
+        for idx, batch in self.batches(rows, batch_size, plan, exact_length=prefix is not None and prefix.exact_length):
             if plan.pooling == "mean":
                 empty = (batch.text_mask.sum(1) == 0).nonzero()
                 if len(empty):
@@ -165,7 +232,7 @@ class Embedder:
             def run(part: list[int], whole=batch, idx=idx):  # a half of the batch is collated like the batch
                 b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.source, indices=part,
                                                       hide_placeholders=plan.hide_placeholders)
-                return self.backend.run(plan, b, all_layers=all_layers).cpu()
+                return self.backend.run(plan, b, all_layers=all_layers, **run_kw).cpu()
 
             out[torch.tensor(idx)] = run_splitting(run, idx, oom)
             if bar is not None:
@@ -173,6 +240,16 @@ class Embedder:
         if bar is not None:
             bar.close()
         return out
+
+    def _prefix(self, rows: Sequence[Encoded], plan: Plan) -> Prefix | None:
+        """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, no attention-mask edits."""
+        if not (self.prefix_cache and getattr(self.backend, "supports_prefix", False)) or plan.needs_masks:
+            return None
+        n = shared_prefix_length(rows, plan.source)
+        prefix = self._prefixes.get(rows[0].ids[:n]) if n > 0 else None
+        if prefix is not None:
+            self.stats.prefix_tokens_saved += n * len(rows)
+        return prefix
 
     # -- explain ------------------------------------------------------------------------------------------------
     def explain(self, text: str) -> str:

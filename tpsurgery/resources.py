@@ -18,8 +18,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -101,3 +102,25 @@ def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]
         new.index = user
     new.__cause__ = exc.__cause__
     return new
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Run ``model`` in eval mode (no dropout: embeddings are deterministic) and restore every module's flag after.
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> m = tiny_model("gpt2")[0].train()
+    >>> with eval_mode(m):
+    ...     m.training
+    False
+    >>> m.training, all(x.training for x in m.modules())
+    (True, True)
+    """
+    training = [mod for mod in model.modules() if mod.training] if isinstance(model, torch.nn.Module) else []
+    try:
+        for mod in training:
+            mod.training = False
+        yield
+    finally:
+        for mod in training:
+            mod.training = True
