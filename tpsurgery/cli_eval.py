@@ -132,6 +132,7 @@ def sweep(
     stops: Optional[str] = typer.Option(None, help="TP stop layers k, e.g. '2-8' or '2,4,8' (default: all)"),
     starts: str = typer.Option("1", help="TP start layers, e.g. '0,1'"),
     alphas: str = typer.Option("1.0", help="TP mixing weights, e.g. '1,0.5'"),
+    baseline: bool = typer.Option(True, help="also sweep the exit layer with no TP (one more pass)"),
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     out_dir: Path = typer.Option(Path("sweep-out"), "--out-dir", "-o", help="folder for sweep.json, heatmap.png, best.yaml"),
     progress: bool = typer.Option(True, help="show progress bars"),
@@ -145,7 +146,7 @@ def sweep(
     pairs = load_task(task, data_dirs(data_dir), limit)
     hf_model, tok, _ = resolve_model(model)
     res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
-                    alphas=parse_floats(alphas), tokenizer=tok, batch_size=batch_size, progress=progress,
+                    alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,
                     model_name=model)
     paths = write_outputs(res, out_dir)
     r, m, score = res.best()

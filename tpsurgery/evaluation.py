@@ -224,14 +224,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def data_provenance(sets: Sequence[Any], limit: int | None) -> dict[str, Any]:
-    """Per task: the files read with their SHA-256 prefixes, the item count and the ``limit`` used."""
-    return {s.name: {"files": {str(p): D.file_hash(p) for p in s.files}, "n": len(s) if isinstance(s, D.PairSet)
-                     else {k: len(v) for k, v in s.splits.items()}, "limit": limit} for s in sets}
+def data_provenance(sets: Sequence[Any], limit: int | None, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per task (``names``, default the sets' names): files read with SHA-256 prefixes, item count, ``limit``."""
+    return {n: {"files": {str(p): D.file_hash(p) for p in s.files}, "n": len(s) if isinstance(s, D.PairSet)
+                     else {k: len(v) for k, v in s.splits.items()}, "limit": limit}
+            for n, s in zip(names or [s.name for s in sets], sets)}
 
 
 def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], sets: Sequence[Any],
-               seconds: float, limit: int | None = None, details: dict | None = None) -> dict[str, Any]:
+               seconds: float, limit: int | None = None, details: dict | None = None,
+               names: Sequence[str] | None = None) -> dict[str, Any]:
     """One results entry: model, recipe (name, hash, body), scores, data hashes, versions, seconds."""
     return {
         "model": model,
@@ -239,7 +241,7 @@ def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], set
         "kind": kind,
         "scores": {k: round(float(v), 4) for k, v in scores.items()},
         "details": details or {},
-        "data": data_provenance(sets, limit),
+        "data": data_provenance(sets, limit, names),
         "versions": versions(),
         "seconds": round(seconds, 3),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -267,7 +269,7 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
     kind = "sts" if not transfer else "transfer" if not sts else "mixed"
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return run_record(name, embedder.recipe, kind, {t: scores[t] for t in tasks}, sets,
-                      time.perf_counter() - t0, limit, details)
+                      time.perf_counter() - t0, limit, details, names=list(tasks))
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:

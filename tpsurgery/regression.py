@@ -56,10 +56,17 @@ def load_expected(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-def expected_from_runs(runs: Sequence[dict[str, Any]], tol: float = DEFAULT_TOL, **meta: Any) -> dict[str, Any]:
-    """An expected-scores document built from results runs (to create or refresh a golden file)."""
-    return {"tol": tol, **meta, "expected": {r["recipe"]["name"] or r["recipe"]["hash"]: {
-        "scores": r["scores"], "recipe_hash": r["recipe"].get("hash"), "model": r.get("model")} for r in runs}}
+def expected_from_runs(runs: Sequence[dict[str, Any]], tol: float = DEFAULT_TOL, with_hash: bool = False,
+                       **meta: Any) -> dict[str, Any]:
+    """An expected-scores document built from results runs (to create or refresh a golden file).
+
+    ``with_hash`` pins each recipe's hash too (a run of a changed recipe then fails as ``mismatch``; note that the hash
+    also changes when a new recipe field with a default is added to tpsurgery).
+    """
+    def entry(r):
+        return {"scores": r["scores"], "model": r.get("model"), **({"recipe_hash": r["recipe"]["hash"]} if with_hash else {})}
+
+    return {"tol": tol, **meta, "expected": {r["recipe"]["name"] or r["recipe"]["hash"]: entry(r) for r in runs}}
 
 
 def compare(runs: Sequence[dict[str, Any]], expected: dict[str, Any], tol: float | None = None,

@@ -142,11 +142,16 @@ class SweepResult:
 
 
 def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, starts: Sequence[int] = (1,),
-         alphas: Sequence[float] = (1.0,)) -> list[tuple[str, dict]]:
-    """``(label, tp)`` rows: 'no TP' first, then every start < stop <= n_layers, alpha (only with a ``<PST>``)."""
-    rows: list[tuple[str, dict]] = [("no TP", {})]
+         alphas: Sequence[float] = (1.0,), baseline: bool = True) -> list[tuple[str, dict]]:
+    """``(label, tp)`` rows: 'no TP' (if ``baseline``) then every start < stop <= n_layers, alpha (with a ``<PST>``).
+
+    >>> from tpsurgery.recipe import parse_recipe
+    >>> [label for label, _ in grid(parse_recipe("prompt: '<PST> {text}'"), 4, stops=[2, 9], starts=[0, 1])]
+    ['no TP', 'TP [0,2)', 'TP [1,2)']
+    """
     if not any(PLACEHOLDER_MARKER in t for t in recipe.templates):
-        return rows
+        return [("no TP", {})]
+    rows: list[tuple[str, dict]] = [("no TP", {})] if baseline else []
     for a in alphas:
         for s in starts:
             for k in (stops if stops is not None else range(s + 1, n_layers + 1)):
@@ -157,8 +162,8 @@ def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, star
 
 
 def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | None = None, starts: Sequence[int] = (1,),
-              alphas: Sequence[float] = (1.0,), tokenizer: Any = None, batch_size: int = 32, progress: bool = False,
-              model_name: str | None = None) -> SweepResult:
+              alphas: Sequence[float] = (1.0,), baseline: bool = True, tokenizer: Any = None, batch_size: int = 32,
+              progress: bool = False, model_name: str | None = None) -> SweepResult:
     """Score every TP row x exit layer on ``pairs`` (a :class:`~tpsurgery.data.PairSet`, normally STS-B dev).
 
     One all-layer pass per row; sentences shared by pairs are embedded once per row. The recipe's own TP schedule
@@ -173,7 +178,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer)
     hidden = embedder.model.get_input_embeddings().weight.shape[1]
     rows = []
-    for label, tp in grid(recipe, embedder.n_layers, stops, starts, alphas):
+    for label, tp in grid(recipe, embedder.n_layers, stops, starts, alphas, baseline):
         row_recipe = recipe.replace(tp=tp, exit_layer=-1)
         plan = compile_plan(row_recipe, embedder.n_layers, hidden, embedder.placeholder_id)
         scores = evaluate_sts(embedder, [pairs], batch_size, progress, all_layers=True, plan=plan)[pairs.name]

@@ -1,0 +1,117 @@
+"""Sweeps: every exit layer from one pass equals separate runs; outputs; ``exit_layer: auto`` from the stored sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import tpsurgery
+from tpsurgery.cli import app
+from tpsurgery.data import load_stsb
+from tpsurgery.errors import RecipeError
+from tpsurgery.evaluation import evaluate_sts
+from tpsurgery.sweep import model_fingerprint, resolve_auto_exit, run_sweep, sweep_path, write_outputs
+from tpsurgery.testing import tiny_model
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "format-samples"
+pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is not present")
+PROMPT = "prompt: 'This sentence : <PST> \"{text}\" means in one word:\"'\n"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPSURGERY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny_model("qwen2", n_layers=4, seed=5)
+    pairs = load_stsb([SAMPLES], "test")
+    res = run_sweep(model, PROMPT + "exit_layer: 2", pairs, stops=[2, 3], starts=[0, 1], tokenizer=tok,
+                    model_name="tiny-qwen2")
+    return model, tok, pairs, res
+
+
+def test_one_pass_per_row_equals_separate_runs(setup):
+    model, tok, pairs, res = setup
+    assert [r["label"] for r in res.rows] == ["no TP", "TP [0,2)", "TP [0,3)", "TP [1,2)", "TP [1,3)"]
+    for row in res.rows:
+        assert len(row["scores"]) == 5  # hidden_states[0..4] of a 4-layer model
+        for m in (1, 3, 4):
+            recipe = tpsurgery.parse_recipe(PROMPT).replace(tp=row["tp"], exit_layer=m)
+            alone = evaluate_sts(tpsurgery.apply(model, recipe, tokenizer=tok), [pairs])[pairs.name]
+            assert row["scores"][m] == pytest.approx(alone, abs=1e-3), (row["label"], m)
+
+
+def test_rows_differ_where_tp_acts_and_agree_where_it_cannot(setup):
+    _, _, _, res = setup
+    s = {r["label"]: np.array(r["scores"], dtype=float) for r in res.rows}
+    np.testing.assert_allclose(s["TP [1,2)"][1:3], s["TP [1,3)"][1:3])  # TP before layer 2 cannot change M <= 2
+    np.testing.assert_allclose(s["no TP"][1:2], s["TP [1,3)"][1:2])
+    assert not np.allclose(s["TP [1,3)"][3:], s["TP [1,2)"][3:])
+
+
+def test_outputs_and_best_recipe(setup, tmp_path):
+    _, _, _, res = setup
+    paths = write_outputs(res, tmp_path / "out")
+    assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["heatmap"].stat().st_size > 2000
+    stored = json.loads(paths["json"].read_text())
+    grid = np.array([r["scores"] for r in stored["rows"]], dtype=float)
+    r, m = np.unravel_index(np.nanargmax(grid), grid.shape)
+    assert (stored["best"]["row"], stored["best"]["exit_layer"]) == (r, m)
+    assert stored["best"]["score"] == pytest.approx(np.nanmax(grid))
+    best = tpsurgery.load_recipe(paths["best"])
+    assert best.exit_layer == m and best.tp == tpsurgery.parse_recipe({"prompt": best.prompt, "tp": stored["rows"][r]["tp"]}).tp
+    assert paths["cache"] == sweep_path(res.fingerprint, res.recipe) and paths["cache"].is_file()
+
+
+def test_exit_layer_auto_uses_the_stored_row(setup):
+    model, tok, _, res = setup
+    res.store()
+    for row in res.rows:
+        recipe = tpsurgery.parse_recipe(PROMPT).replace(tp=row["tp"], exit_layer="auto")
+        want = int(np.nanargmax(np.array(row["scores"], dtype=float)))
+        assert tpsurgery.apply(model, recipe, tokenizer=tok).plan.exit_layer == want
+        assert resolve_auto_exit(model, recipe) == want
+
+
+def test_exit_layer_auto_errors_name_the_field(setup):
+    model, tok, _, res = setup
+    res.store()
+    other, _ = tiny_model("qwen2", n_layers=4, seed=6)  # same shape, other weights: other fingerprint
+    assert model_fingerprint(other) != res.fingerprint
+    auto = PROMPT + "tp: {start: 1, stop: 2}\nexit_layer: auto"
+    with pytest.raises(RecipeError, match="exit_layer.*'auto' needs a stored sweep.*tpsurgery sweep"):
+        tpsurgery.apply(other, auto, tokenizer=tok)
+    with pytest.raises(RecipeError, match="exit_layer.*no row for tp"):
+        tpsurgery.apply(model, PROMPT + "tp: {start: 2, stop: 4}\nexit_layer: auto", tokenizer=tok)
+    with pytest.raises(RecipeError, match="needs a stored sweep"):  # another prompt is another sweep
+        tpsurgery.apply(model, "prompt: '<PST> {text}'\ntp: {start: 1, stop: 2}\nexit_layer: auto", tokenizer=tok)
+
+
+def test_sweep_without_placeholder_has_one_row():
+    model, tok = tiny_model("llama", n_layers=2, seed=1)
+    res = run_sweep(model, "prompt: 'This : {text} means'", load_stsb([SAMPLES], "test", limit=8), tokenizer=tok)
+    assert [r["label"] for r in res.rows] == ["no TP"] and len(res.rows[0]["scores"]) == 3
+
+
+def test_cli_sweep_writes_outputs(tmp_path):
+    model, tok = tiny_model("llama", n_layers=3, seed=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.yaml").write_text(PROMPT + "exit_layer: -1\nname: mine\n")
+    out = tmp_path / "sw"
+    result = CliRunner().invoke(app, ["sweep", "-r", str(tmp_path / "r.yaml"), "-m", str(tmp_path / "m"), "-d",
+                                      str(SAMPLES), "--task", "stsb", "--stops", "2-3", "--no-baseline", "-o", str(out),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "best: TP [1," in result.output and (out / "heatmap.png").is_file()
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["name"] == "mine-swept" and best["tp"]["spans"][0]["start"] == 1
+    assert len(json.loads((out / "sweep.json").read_text())["rows"]) == 2
