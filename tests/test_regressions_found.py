@@ -44,3 +44,16 @@ def test_official_compat_keeps_bos_when_the_template_starts_empty(template):
         assert row.ids[0] == tok.bos_token_id
         assert row.ids == emb.tokenize([text], emb.recipe.templates[0])[0].ids
     assert emb.encode("").shape == (model.config.hidden_size,)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/echo.yaml", {"prompt": "{text}{text}"}])
+def test_truncation_with_two_text_slots(recipe):
+    """Exact-mode truncation read the cut off the last {text} slot's offsets, but the cut shrinks every slot: with
+    two slots (the shipped echo recipe) a sentence past the limit raised 'the prompt alone is longer than the model's
+    limit'. Found by test_identity_without_tp_equals_hf_hidden_states (prompt '{text}{text}', text '0' * 600)."""
+    model, tok = model_for("llama", bos=True)
+    emb = tpsurgery.apply(model, recipe, tokenizer=tok)
+    rows = emb.tokenize(["0" * 600, "é" * 300], emb.recipe.templates[0], warn=False)
+    for row in rows:
+        assert row.truncated and 500 < len(row.ids) <= 512
+    assert emb.encode(["0" * 600, "é" * 300]).shape == (2, model.config.hidden_size)

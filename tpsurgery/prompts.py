@@ -169,22 +169,24 @@ class _Tokenize:
 
 
 def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, index) -> Encoded:
-    excess = len(e.ids) - max_length
-    n_text = e.text_span[1] - e.text_span[0]
-    if excess >= n_text:
-        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
-    # offsets index the marker-free string; map the first dropped text token back to a character of the text
-    _, _, span = _fill(pieces, text)
-    text_tok_offsets = [(s, t) for (s, t) in offsets if s != t and s < span[1] and t > span[0]]
-    cut = max(text_tok_offsets[n_text - excess][0] - span[0], 0)
-    for _ in range(8):  # retokenizing the cut text can merge differently; shrink until it fits
+    def encode_cut(cut: int) -> Encoded:
         f_str, markers, span2 = _fill(pieces, text[:cut])
         enc = tokenizer([f_str])
-        e2 = _splice(enc["input_ids"][0], enc["offset_mapping"][0], markers, span2, placeholder_id)
-        if len(e2.ids) <= max_length:
-            return Encoded(e2.ids, e2.placeholders, e2.text_span, truncated=True)
-        cut = max(cut - 8 * (len(e2.ids) - max_length), 0)
-    raise InputError(index, f"cannot truncate to the model's limit of {max_length} tokens")
+        return _splice(enc["input_ids"][0], enc["offset_mapping"][0], markers, span2, placeholder_id)
+
+    # the longest character prefix of the sentence that fits; every {text} slot shrinks with it (echo prompts have
+    # two), so the cut cannot be read off the last slot's token offsets
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encode_cut(mid).ids) <= max_length:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
+    e2 = encode_cut(lo)
+    return Encoded(e2.ids, e2.placeholders, e2.text_span, truncated=True)
 
 
 def _official_within(tokenizer, template, text, placeholder_id, max_length, index) -> Encoded:
