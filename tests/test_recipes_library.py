@@ -16,6 +16,7 @@ import yaml
 
 import tpsurgery
 from tpsurgery.library import RECIPE_DIR, find_recipe, list_recipes
+from tpsurgery.prompts import preprocess_sentence
 from tpsurgery.recipe import dump_recipe, load_recipe, parse_recipe
 from tpsurgery.testing import tiny_model
 
@@ -238,3 +239,26 @@ def test_paper_recipes_on_a_shallow_model_name_the_field_that_does_not_fit():
     with pytest.raises(tpsurgery.RecipeError, match="tp.resume"):
         tpsurgery.apply(hf, load_recipe("prompteol-tp-resume-9").replace(tp={"start": 1, "stop": 2, "resume": 9}),
                         tokenizer=tok)
+
+
+def test_official_compat_equals_the_reference_codes_tokenization_on_smollm2(smollm2):
+    """The reference adds <PST> to the tokenizer and tokenizes the filled template in one call (evaluate.py)."""
+    import copy
+
+    _, tok = smollm2
+    ref_tok = copy.deepcopy(tok)
+    ref_tok.add_tokens(["<PST>"])
+    pst = ref_tok.convert_tokens_to_ids("<PST>")
+    by_template = {load_recipe(n).templates: n for n in NAMES if load_recipe(n).tp.spans}  # one recipe per prompt
+    names = sorted(by_template.values())
+    sentences = ["A man is playing a guitar.", "  Two  dogs run!", 'She said "hi"?']
+    for name in names:
+        recipe = load_recipe(name).replace(compat="official")
+        emb = tpsurgery.apply(smollm2[0], recipe, tokenizer=tok)
+        for template in recipe.templates:
+            rows = emb.tokenize(sentences, template)
+            for s, row in zip(sentences, rows):
+                text = preprocess_sentence(s) if recipe.preprocessing else s
+                filled = template.replace("{text}", text).strip()
+                want = [emb.placeholder_id if i == pst else i for i in ref_tok(filled)["input_ids"]]
+                assert list(row.ids) == want, (name, s)
