@@ -106,9 +106,15 @@ class EmbeddingCache:
             from .models import cache_dir
 
             directory = cache_dir() / "embeddings"
+        from .models import check_cache_dir, make_dirs
+
         self.directory = Path(directory).expanduser()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.directory)  # 0o755 whatever the umask; refuse a folder others own or may write to
+        check_cache_dir(self.directory)
         self.path = self.directory / "embeddings.sqlite"
+        if not self.path.exists():
+            self._connect().close()
+            os.chmod(self.path, 0o644)
         self.hits = 0
         self.misses = 0
 

@@ -55,6 +55,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 def _converted_copy(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically)."""
+    check_cache_dir(cache_dir())
     target = cache_dir() / "models" / gguf.stem
     if (target / "config.json").exists():
         return target
@@ -63,11 +64,19 @@ def _converted_copy(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}.", dir=target.parent))
+    return write_converted(model, tokenizer, target)
+
+
+def write_converted(model: Any, tokenizer: Any, target: Path) -> Path:
+    """Save ``model`` (safetensors only) and ``tokenizer`` to ``target`` atomically: a temporary folder renamed into
+    place, so an interrupt never leaves half a model. Folders are 0o755 and files 0o644 whatever the umask."""
+    make_dirs(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, target)
@@ -77,6 +86,29 @@ def _converted_copy(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` with 0o755 folders whatever the umask (``Path.mkdir(parents=True)`` leaves parents to it)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(exist_ok=True)
+        os.chmod(p, 0o755)
+
+
+def check_cache_dir(path: Path) -> None:
+    """Refuse a cache that another user owns or anyone may write to: its models would be loaded as ours."""
+    import stat
+
+    if not hasattr(os, "getuid") or not path.exists():
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise ModelError(f"the cache directory {path} belongs to another user (uid {st.st_uid}); "
+                         "set TPSURGERY_CACHE to a folder of your own")
+    if st.st_mode & stat.S_IWOTH:
+        raise ModelError(f"the cache directory {path} is writable by every user (mode {oct(st.st_mode & 0o777)}); "
+                         f"run `chmod o-w {path}` or set TPSURGERY_CACHE to a private folder")
 
 
 def load_model(
@@ -94,6 +126,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    converted = name == DEFAULT_MODEL or name.endswith(".gguf")
     if name == DEFAULT_MODEL:
         source = _converted_copy(smollm2_gguf_path())
     elif name.endswith(".gguf"):
@@ -105,7 +138,7 @@ def load_model(
         source = Path(name).expanduser() if Path(name).expanduser().exists() else name
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+            str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True if converted else None
         )
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

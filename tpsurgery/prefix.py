@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import BackendError
 from .plan import Batch
 from .prompts import Encoded
 
@@ -110,6 +111,9 @@ def compute_prefix(model: Any, ids: Sequence[int]) -> Prefix | None:
                         use_cache=True)
     except (TypeError, ValueError):
         return None
+    except Exception as exc:  # like the backends: one error family, the original kept as the cause
+        raise BackendError(f"computing the prompt prefix ({len(ids)} tokens) failed: {type(exc).__name__}: {exc}") \
+            from exc
     cache = out.get("cache", None) if hasattr(out, "get") else None
     if cache is None:
         cache = getattr(out, "past_key_values", None)
