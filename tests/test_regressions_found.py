@@ -57,3 +57,14 @@ def test_truncation_with_two_text_slots(recipe):
     for row in rows:
         assert row.truncated and 500 < len(row.ids) <= 512
     assert emb.encode(["0" * 600, "é" * 300]).shape == (2, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
+def test_all_layers_at_exit_layer_zero(arch):
+    """encode(all_layers=True) with exit_layer 0 ran no layer, read nothing and failed with BackendError('stack
+    expects a non-empty TensorList'). Found by test_shapes_and_dtypes (prompt None, exit_layer 0, text ' ')."""
+    model, tok = model_for(arch)
+    emb = tpsurgery.apply(model, {"exit_layer": 0}, tokenizer=tok)
+    layers = emb.encode([" ", "ab"], all_layers=True)
+    assert layers.shape == (2, 1, model.config.hidden_size)
+    np.testing.assert_array_equal(layers[:, 0], emb.encode([" ", "ab"]))

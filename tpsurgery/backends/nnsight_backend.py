@@ -76,7 +76,7 @@ class NNsightBackend:
                 if all_layers and i < m - 1 or (i == m - 1 and m < plan.n_layers):
                     out = layers[i].output[0] if tuple_out else layers[i].output
                     reads.append(pool(out, plan.pooling, batch.text_mask).save())
-            if m == 0 and not all_layers:
+            if m == 0:  # no layer runs: the read is layer 0's input (also the only all_layers slice)
                 reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
             elif m == plan.n_layers:
                 reads.append(pool(norm.output, plan.pooling, batch.text_mask).save())
