@@ -186,3 +186,16 @@ def test_exit_layer_before_scheduled_tp_layers_warns_and_drops_them(llama):
         warnings.simplefilter("error")  # nothing cut: no warning
         assert tpsurgery.apply(model, {"prompt": P, "tp": {"start": 1, "stop": 2}, "exit_layer": 2},
                                tokenizer=tok).plan.tp_layers == (1,)
+
+
+def test_a_marker_inside_a_word_is_refused_where_it_splits_a_token(smollm2):
+    """A placeholder that tokenizes oddly: SmolLM2 reads ' sentence' as one token, so 'sent<PST>ence' has no token
+    boundary for the placeholder in exact mode (official mode tokenizes the two pieces separately)."""
+    model, tok = smollm2
+    odd = 'This sent<PST>ence : "{text}" means in one word:"'
+    for prompt, field in ((odd, "prompt"), ([P, odd], "prompt.1")):
+        with pytest.raises(tpsurgery.RecipeError, match="splits the token ' sentence' \\(' sent' \\+ 'ence'\\)") as info:
+            tpsurgery.apply(model, {"prompt": prompt, "tp": TP, "exit_layer": 2}, tokenizer=tok)
+        assert info.value.field == field
+    official = tpsurgery.apply(model, {"prompt": odd, "tp": TP, "exit_layer": 2, "compat": "official"}, tokenizer=tok)
+    assert official.tokenize(["a"], odd)[0].placeholders == (2,)

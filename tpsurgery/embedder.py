@@ -23,7 +23,7 @@ from .errors import InputError, RecipeError, TpsurgeryError
 from .plan import Batch, Plan, collate, compile_plan
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
-from .prompts import Encoded, encode_prompts, truncation_message
+from .prompts import Encoded, check_markers, encode_prompts, truncation_message
 from .resources import at_user_index, eval_mode, run_splitting
 from .recipe import Recipe
 
@@ -89,6 +89,9 @@ class Embedder:
         hidden = get_path(model, self.spec.embed).weight.shape[1]
         vocab = get_path(model, self.spec.embed).weight.shape[0]
         self.placeholder_id = _placeholder_id(recipe, tokenizer, vocab)
+        if recipe.compat == "exact":  # a marker inside a word has no token boundary to sit on
+            for k, template in enumerate(recipe.templates):
+                check_markers(tokenizer, template, "prompt" if isinstance(recipe.prompt, str) else f"prompt.{k}")
         exit_layer = None
         if recipe.exit_layer == "auto":  # the best exit layer of a stored sweep (tpsurgery sweep), see sweep.py
             from .sweep import resolve_auto_exit

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, RecipeError
 from .recipe import PLACEHOLDER_MARKER, TEXT_SLOT
 
 _PIECES = re.compile(f"({re.escape(PLACEHOLDER_MARKER)} ?|{re.escape(TEXT_SLOT)})")
@@ -131,6 +131,23 @@ def encode_prompts(
     if cut and warn:
         warnings.warn(truncation_message(cut, max_length), UserWarning, stacklevel=3)
     return out
+
+
+def check_markers(tokenizer: Any, template: str, field: str = "prompt") -> None:
+    """Refuse a ``<PST>`` written inside a word: exact mode would put the placeholder before the whole token.
+
+    >>> from tpsurgery.testing import tiny_tokenizer
+    >>> check_markers(tiny_tokenizer(), 'This sent<PST>ence "{text}"')  # byte tokens: every marker is on a boundary
+    """
+    filled, markers, _ = _fill(split_template(template), "x")
+    enc = _Tokenize(tokenizer, template)([filled])
+    for m in markers:
+        for a, b in enc["offset_mapping"][0]:
+            if a < m < b and filled[a:m].strip():
+                raise RecipeError(field, f"the {PLACEHOLDER_MARKER} marker in {template!r} splits the token "
+                                         f"{filled[a:b]!r} ({filled[a:m]!r} + {filled[m:b]!r}), so the placeholder "
+                                         "would go before the whole token; put the marker next to a space or "
+                                         "punctuation, or use compat: official")
 
 
 def truncation_message(indices: Sequence[int], max_length: int | None) -> str:
