@@ -11,14 +11,17 @@ import functools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tpsurgery
 from tpsurgery.errors import ModelError
 from tpsurgery.masks import allowed, layer_masks
-from tpsurgery.plan import collate
+from tpsurgery.plan import collate, compile_plan
+from tpsurgery.recipe import load_recipe, parse_recipe
 from tpsurgery.testing import tiny_model
 
-from recipe_oracle import additive, rule
+from recipe_oracle import additive, oracle_embed, rule
 
 N = 4
 TEXTS = ["a b c.", "the cat sat on the mat.", "xy"]
@@ -211,3 +214,51 @@ def test_plain_plan_builds_no_masks_and_unsupported_attention_is_named():
     emb = tpsurgery.apply(flash, {"prompt": COT, "attention": {"bidirectional": "last_token"}}, tokenizer=ftok)
     with pytest.raises(ModelError, match="sdpa or eager"):
         emb.encode("a")
+
+
+@given(data=st.data())
+def test_masks_equal_the_rule_for_any_batch_layout(data):
+    """Random left-padded layouts: placeholders anywhere (several, adjacent, first column), sentence anywhere."""
+    from tpsurgery.plan import Batch
+
+    bsz = data.draw(st.integers(1, 3), label="batch")
+    length = data.draw(st.integers(3, 12), label="length")
+    n_ph = data.draw(st.integers(1, 2), label="placeholders")
+    rows = []
+    for _ in range(bsz):
+        n = data.draw(st.integers(n_ph + 1, length), label="row length")
+        off = length - n
+        ph = sorted(data.draw(st.lists(st.integers(off, length - 2), min_size=n_ph, max_size=n_ph, unique=True)))
+        end = data.draw(st.integers(ph[0], length), label="text end")
+        rows.append((off, ph, end))
+    mask = torch.zeros((bsz, length), dtype=torch.long)
+    for b, (off, _, _) in enumerate(rows):
+        mask[b, off:] = 1
+    batch = Batch(input_ids=torch.zeros((bsz, length), dtype=torch.long), attention_mask=mask,
+                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0), placeholders=torch.tensor([r[1] for r in rows]),
+                  source=torch.full((bsz,), length - 1), text_mask=torch.zeros((bsz, length)),
+                  text_end=torch.tensor([r[2] for r in rows]))
+    bidir = data.draw(st.sampled_from(["last_token", "sentence"]), label="bidirectional")
+    arch = data.draw(st.sampled_from(["llama", "gemma2"]), label="arch")
+    hf, _ = model(arch)
+    plan = compile_plan(parse_recipe({"prompt": "<PST>{text}", "attention": {"bidirectional": bidir},
+                                      "placeholder": {"mask": "first_layer"}}), N, 32)
+    real = mask.bool()
+    types = getattr(hf.config, "layer_types", None)
+    for i, m in layer_masks(hf, plan, batch).items():
+        window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
+        want = rule(mask, batch.placeholders, batch.text_end, mask_placeholders=i == 0, bidirectional=bidir,
+                    window=window)
+        got = m[:, 0] if m.dtype == torch.bool else m[:, 0] == 0
+        assert torch.equal(got[real], want[real]), i
+
+
+def test_mask_recipe_equals_the_oracle_on_smollm2(smollm2):
+    """A real model (sdpa): bidirectional sentence + masked placeholder in layer 0 + TP, engine == hook oracle."""
+    hf, tok = smollm2
+    recipe = load_recipe("cot-bidir-sentence").replace(placeholder={"mask": "first_layer"}, tp={"start": 1, "stop": 8})
+    emb = tpsurgery.apply(hf, recipe, tokenizer=tok)
+    texts = ["A man is playing a guitar.", "Two dogs run on the beach"]
+    got = emb.encode(texts, convert_to_tensor=True)
+    want = oracle_embed(emb, texts)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
