@@ -243,3 +243,28 @@ def test_mteb_adapter_matches_the_sts_evaluator(tiny, monkeypatch):
                            show_progress_bar=False)
     got = result.task_results[0].scores["test"][0]["cosine_spearman"]
     assert 100 * got == pytest.approx(evaluate_sts(emb, [load_task("stsb", DIRS)])["stsb-test"], abs=1e-6)
+
+
+def test_cli_eval_sts_and_transfer(tmp_path):
+    from typer.testing import CliRunner
+
+    from tpsurgery.cli import app
+
+    model, tok = tiny_model("gpt2", n_layers=2, seed=4)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.yaml").write_text("name: tiny-eol\nprompt: 'This : \"{text}\" means'\nexit_layer: 2\n")
+    common = ["-r", str(tmp_path / "r.yaml"), "-m", str(tmp_path / "m"), "-d", str(SENTEVAL), "-d", str(SAMPLES),
+              "--no-progress"]
+    cli = CliRunner()
+    res = cli.invoke(app, ["eval", "sts", *common, "--tasks", "sts13,sickr", "-o", str(tmp_path / "s.json"),
+                           "--markdown", str(tmp_path / "s.md")])
+    assert res.exit_code == 0, res.output
+    run = read_results(tmp_path / "s.json")[0]
+    assert run["recipe"]["name"] == "tiny-eol" and set(run["scores"]) == {"sts13", "sickr"}
+    assert (tmp_path / "s.md").read_text().startswith("| Method | STS13 | SICK-R | Avg. |\n|---|---|---|---|\n| tiny-eol |")
+    res = cli.invoke(app, ["eval", "transfer", *common, "--tasks", "trec", "--kfold", "2", "-o", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    assert read_results(tmp_path / "t.json")[0]["details"]["trec"]["kfold"] == 2
+    bad = cli.invoke(app, ["eval", "sts", *common, "--tasks", "mr"])
+    assert bad.exit_code != 0 and "unknown sts task 'mr'" in str(bad.exception)
