@@ -328,3 +328,49 @@ def raising_on_call(module, n: int, exc=RuntimeError):
         yield count
     finally:
         h.remove()
+
+
+def match_rows(ids: torch.Tensor, mask: torch.Tensor, candidates) -> list[Row]:
+    """For each batch row, the longest oracle row that ends it with only padding (mask 0) before it."""
+    L = ids.shape[1]
+    out = []
+    for b in range(ids.shape[0]):
+        fits = [r for r in candidates if len(r.ids) <= L and tuple(ids[b, L - len(r.ids):].tolist()) == r.ids
+                and not mask[b, : L - len(r.ids)].any()]
+        assert fits, f"batch row {b} is no prompted sentence: {ids[b].tolist()}"
+        out.append(max(fits, key=lambda r: len(r.ids)))
+    return out
+
+
+class AttentionProbe:
+    """Attention probabilities [B, H, L, L] of every layer call (eager attention returns them from its module)."""
+
+    def __init__(self, model):
+        self.layers = decoder_parts(model)[0]
+        self.weights: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._handles = []
+        self._calls = [0] * len(self.layers)
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(functools.partial(self._enter, i)))
+            for sub in layer.modules():
+                if sub is not layer:
+                    self._handles.append(sub.register_forward_hook(functools.partial(self._out, i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        return False
+
+    def _enter(self, i, mod, args):
+        self._calls[i] += 1
+
+    def _out(self, i, mod, args, out):
+        if len(self.weights[i]) >= self._calls[i] or not isinstance(out, tuple):
+            return
+        for o in out:
+            if torch.is_tensor(o) and o.dim() == 4 and o.shape[-1] == o.shape[-2]:
+                self.weights[i].append(o.detach().clone())
+                return
