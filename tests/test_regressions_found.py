@@ -68,3 +68,19 @@ def test_all_layers_at_exit_layer_zero(arch):
     layers = emb.encode([" ", "ab"], all_layers=True)
     assert layers.shape == (2, 1, model.config.hidden_size)
     np.testing.assert_array_equal(layers[:, 0], emb.encode([" ", "ab"]))
+
+
+@pytest.mark.parametrize("description", ["𐀀", "emoji 😀 in a description", "\ufffe"])
+def test_json_recipes_with_any_unicode_round_trip(description, tmp_path):
+    """JSON recipe text went through PyYAML, which split json.dumps' surrogate-pair escapes (non-BMP characters)
+    into two lone surrogates and refused U+FFFE ('special characters are not allowed'). Found by
+    test_yaml_and_json_round_trip (description '𐀀', and '\\ufffe' written with ensure_ascii=False)."""
+    import json
+
+    r = tpsurgery.parse_recipe({"description": description, "prompt": "<PST> {text}", "tp": {"start": 0, "stop": 1}})
+    assert tpsurgery.parse_recipe(json.dumps(r.to_dict())) == r
+    (tmp_path / "r.json").write_text(json.dumps(r.to_dict(), ensure_ascii=False), encoding="utf-8")
+    assert tpsurgery.load_recipe(tmp_path / "r.json") == r
+    with pytest.raises(tpsurgery.RecipeError) as info:  # duplicate keys are still refused in JSON
+        tpsurgery.parse_recipe('{"pooling": "last", "pooling": "mean"}')
+    assert info.value.field == "pooling"

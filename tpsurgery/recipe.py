@@ -271,7 +271,16 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def _load_yaml(text: str) -> Any:
-    """``yaml.SafeLoader`` (no python/* tags) that also refuses duplicate keys, which YAML resolves silently."""
+    """``yaml.SafeLoader`` (no python/* tags) that also refuses duplicate keys, which YAML resolves silently.
+
+    JSON objects are read by :mod:`json` first: PyYAML splits JSON's surrogate-pair escapes (``json.dumps`` of an
+    emoji) into two lone surrogates and refuses characters JSON allows (U+FFFE).
+    """
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_json_object)
+        except json.JSONDecodeError:
+            pass  # flow-style YAML, not JSON
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -279,6 +288,14 @@ def _load_yaml(text: str) -> Any:
         return loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
+
+
+def _json_object(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise RecipeError(k, "appears twice in the same mapping")
+    return dict(pairs)
 
 
 def _check_duplicates(node: Any, path: tuple, seen_nodes: set) -> None:
