@@ -101,7 +101,7 @@ def test_tl_agrees_with_nnsight_on_tiny_models(arch, data):
     nn_emb = tpsurgery.apply(model, recipe, tokenizer=tok)
     tl_emb = tpsurgery.apply(bridge, recipe, tokenizer=tok)
     assert tl_emb.backend.name == "transformer_lens" and tl_emb.plan.describe() == nn_emb.plan.describe()
-    all_layers = data.draw(st.booleans(), label="all_layers") and nn_emb.plan.exit_layer > 0
+    all_layers = data.draw(st.booleans(), label="all_layers")
     assert_agree(nn_emb, tl_emb, data.draw(texts, label="texts"), all_layers, data.draw(st.integers(1, 4)))
 
 
@@ -121,8 +121,17 @@ def test_tl_agrees_with_nnsight_on_smollm2(smollm2, smollm2_bridge, data):
     recipe = tpsurgery.parse_recipe(data.draw(recipes(model.config.num_hidden_layers), label="recipe"))
     nn_emb = tpsurgery.apply(model, recipe, tokenizer=tok)
     tl_emb = tpsurgery.apply(bridge, recipe, tokenizer=tok)
-    all_layers = data.draw(st.booleans(), label="all_layers") and nn_emb.plan.exit_layer > 0
+    all_layers = data.draw(st.booleans(), label="all_layers")
     assert_agree(nn_emb, tl_emb, data.draw(texts, label="texts"), all_layers, 3)
+
+
+def test_bfloat16_models_agree_when_both_run_eager_attention():
+    """TL always runs eager attention; against an eager bf16 model the two backends compute the same numbers."""
+    model, tok = tiny_model("llama", dtype=torch.bfloat16, attn="eager")
+    recipe = {**MASKED_TP, "placeholder": {"mask": "first_layer", "init": "gaussian"}, "exit_layer": -1}
+    tl_emb = tpsurgery.apply(model, recipe, tokenizer=tok, backend="transformer_lens")
+    assert next(tl_emb.backend.bridge.parameters()).dtype == torch.bfloat16
+    assert_agree(tpsurgery.apply(model, recipe, tokenizer=tok), tl_emb, ["a b", "xyz q", "hello"], True, 2)
 
 
 def test_smollm2_untouched_and_bridge_tokenizer_not_used(smollm2, smollm2_bridge):
