@@ -53,13 +53,13 @@ def _tokenizer_for(model: Any) -> Any:
         raise ModelError(f"cannot load the tokenizer of {name!r} ({exc}): pass tokenizer=") from exc
 
 
-def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, Any]:
-    """``(hf_model, tokenizer, nnsight_envoy_or_None)`` from any accepted model object."""
+def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, nnsight_envoy_or_None)`` from any accepted model object (names load on ``device``)."""
     from transformers import PreTrainedModel
 
     envoy = None
     if isinstance(model, (str, os.PathLike)):
-        model, loaded_tok = load_model(model)
+        model, loaded_tok = load_model(model, device=device)
         tokenizer = tokenizer or loaded_tok
     elif not isinstance(model, PreTrainedModel):
         inner = getattr(model, "_module", None)

@@ -19,6 +19,7 @@ eval_app = typer.Typer(help="Evaluate recipes on STS and transfer tasks (SentEva
 DATA_HELP = ("SentEval-layout data folder; repeat to search several (first match wins). "
              "Default: $TPSURGERY_DATA (os.pathsep-separated)")
 MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder, .gguf file, or smollm2-135m")
+DEVICE_OPT = typer.Option(None, "--device", help="torch device to load the model on (e.g. cuda); default cpu")
 
 
 def data_dirs(given: Optional[list[Path]]) -> list[Path]:
@@ -60,13 +61,13 @@ def _split_tasks(text: str, kind: str) -> list[str]:
 
 def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
               batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
-              n_jobs: int = 1) -> None:
+              n_jobs: int = 1, device: Optional[str] = None) -> None:
     from .api import apply, resolve_model
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
     dirs = data_dirs(data)
     names = _split_tasks(tasks, kind)
-    hf_model, tok, _ = resolve_model(model)
+    hf_model, tok, _ = resolve_model(model, device=device)
     runs = []
     for r in recipes:
         emb = apply(hf_model, r, tokenizer=tok)
@@ -93,6 +94,7 @@ MD_OPT = typer.Option(None, "--markdown", help="markdown table to write")
 def eval_sts(
     recipe: list[str] = RECIPES_OPT,
     model: str = MODEL_OPT,
+    device: Optional[str] = DEVICE_OPT,
     data_dir: Optional[list[Path]] = DATA_OPT,
     tasks: str = typer.Option("sts12,sts13,sts14,sts15,sts16,stsb,sickr", help="comma-separated; also stsb-dev"),
     limit: Optional[int] = LIMIT_OPT,
@@ -102,13 +104,14 @@ def eval_sts(
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """STS: cosine similarity, Spearman x100 (STS12-16 in the 'all' setting); unique sentences embedded once."""
-    _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress)
+    _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, device=device)
 
 
 @eval_app.command("transfer")
 def eval_transfer(
     recipe: list[str] = RECIPES_OPT,
     model: str = MODEL_OPT,
+    device: Optional[str] = DEVICE_OPT,
     data_dir: Optional[list[Path]] = DATA_OPT,
     tasks: str = typer.Option("mr,cr,subj,mpqa,sst2,trec,mrpc", help="comma-separated transfer tasks"),
     limit: Optional[int] = LIMIT_OPT,
@@ -120,12 +123,14 @@ def eval_transfer(
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
-    _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs)
+    _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs,
+              device=device)
 
 
 def sweep(
     recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose prompt/placeholder/pooling are swept"),
     model: str = MODEL_OPT,
+    device: Optional[str] = DEVICE_OPT,
     data_dir: Optional[list[Path]] = DATA_OPT,
     task: str = typer.Option("stsb-dev", help="STS task to tune on (never a test set for reported numbers)"),
     limit: Optional[int] = LIMIT_OPT,
@@ -144,7 +149,7 @@ def sweep(
 
     _split_tasks(task, "sts")
     pairs = load_task(task, data_dirs(data_dir), limit)
-    hf_model, tok, _ = resolve_model(model)
+    hf_model, tok, _ = resolve_model(model, device=device)
     res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
                     alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,
                     model_name=model)
