@@ -524,3 +524,19 @@ def test_a_cache_anyone_can_write_to_is_refused(tmp_path, monkeypatch):
     with pytest.raises(tpsurgery.ModelError, match="writable by every user"):
         tpsurgery.load_model(tmp_path / "planted.gguf")
     assert os.listdir(shared) == []
+
+
+def test_cli_reports_unreadable_input_as_one_error_line(tmp_path):
+    from tpsurgery.cli import app
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for name in ("missing.txt", "latin1.txt"):
+        result = CliRunner().invoke(app, ["embed", "-i", str(tmp_path / name), "-o", str(tmp_path / "o.npy"),
+                                          "-r", "smollm2-prompteol"])
+        assert isinstance(result.exception, tpsurgery.InputError), result.exception
+        assert str(result.exception).startswith(f"cannot read --input {tmp_path / name} as UTF-8 text")
+    done = subprocess.run([sys.executable, "-m", "tpsurgery.cli", "embed", "-i", str(tmp_path / "missing.txt"),
+                           "-o", str(tmp_path / "o.npy"), "-r", "smollm2-prompteol"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: cannot read --input") and "Traceback" not in done.stderr
+    assert not (tmp_path / "o.npy").exists()

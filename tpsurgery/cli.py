@@ -102,7 +102,12 @@ def embed(
 
     from .api import apply
 
-    texts = input.read_text(encoding="utf-8").splitlines()
+    from .errors import InputError
+
+    try:
+        texts = input.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(None, f"cannot read --input {input} as UTF-8 text: {exc}") from None
     emb = apply(model, recipe).encode(texts, batch_size=batch_size, normalize_embeddings=normalize,
                                       show_progress_bar=progress)
     buf = io.BytesIO()
