@@ -540,3 +540,23 @@ def test_cli_reports_unreadable_input_as_one_error_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: cannot read --input") and "Traceback" not in done.stderr
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_non_finite_embeddings_are_never_silent():
+    model, tok = tiny_model("llama", dtype=torch.float16)
+    emb = tpsurgery.apply(model, REC, tokenizer=tok)
+
+    def overflow(module, args, output):  # the second row overflows float16, as a huge activation would
+        out = output.clone()
+        if out.shape[0] > 1:
+            out[1] = out[1] * 1e9  # beyond float16 range: inf
+        return out
+
+    handle = model.model.layers[0].register_forward_hook(overflow)
+    try:
+        with pytest.warns(UserWarning, match=r"the embeddings of 1 input\(s\) are not finite \(NaN or inf; inputs 2\)"):
+            out = emb.encode(["a much longer first sentence", "a much longer first sentence", "mid one", "x"],
+                             batch_size=4)
+    finally:
+        handle.remove()
+    assert not np.isfinite(out[2]).all() and np.isfinite(out[[0, 1, 3]]).all()

@@ -24,7 +24,7 @@ from .plan import Batch, Plan, collate, compile_plan
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
-from .resources import at_user_index, eval_mode, run_splitting
+from .resources import at_user_index, eval_mode, non_finite_message, run_splitting
 from .recipe import Recipe
 
 
@@ -176,8 +176,12 @@ class Embedder:
                     cut = sorted(first[todo[i]] for i in self._truncated)
                     warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=2)
                 new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
+                bad = (~torch.isfinite(new.reshape(len(todo), -1))).any(1).nonzero()[:, 0].tolist()
+                if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
+                    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+                    warnings.warn(non_finite_message(sorted(first[todo[i]] for i in bad)), UserWarning, stacklevel=2)
                 if key is not None:
-                    self.embedding_cache.put(key, {t: new[i].numpy() for i, t in enumerate(todo)})
+                    self.embedding_cache.put(key, {t: new[i].numpy() for i, t in enumerate(todo) if i not in bad})
                 cached.update({t: new[i] for i, t in enumerate(todo)})
             out = torch.stack([torch.as_tensor(cached[t]) for t in unique])
             out = out[torch.tensor([where[t] for t in texts])]

@@ -124,3 +124,10 @@ def eval_mode(model: Any) -> Iterator[None]:
     finally:
         for mod in training:
             mod.training = True
+
+
+def non_finite_message(indices: Sequence[int]) -> str:
+    """The warning for embeddings that came out NaN or infinite (a float16 overflow, a broken model)."""
+    shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+    return (f"the embeddings of {len(indices)} input(s) are not finite (NaN or inf; inputs {shown}): the model "
+            "overflowed or is broken; try float32 or bfloat16")
