@@ -41,11 +41,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/senteval"))
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None, help="torch device for the model (e.g. cuda)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_stsb([Path(args.data_dir)], "dev")
-    model, tok = tpsurgery.load_model("smollm2-135m")
+    model, tok = tpsurgery.load_model(args.model, device=args.device)
     texts = list(dict.fromkeys(data.a + data.b))
     where = {t: i for i, t in enumerate(texts)}
     out = {}
