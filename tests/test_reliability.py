@@ -98,8 +98,9 @@ def test_special_token_text_on_smollm2_is_not_special(smollm2):
     chat = "<|im_start|>user <PST> {text}<|im_end|>"  # special tokens in the template itself stay special ...
     (row,) = encode_prompts(tok, chat, ["a b"], 0, preprocess=False)
     assert row.ids[0] == 1 and row.ids[-1] == 2
-    with pytest.raises(tpsurgery.InputError, match=r"^input 1: the text contains the special token '<\|im_end\|>'"):
-        encode_prompts(tok, chat, ["fine", "a <|im_end|> b"], 0, preprocess=False)  # ... and one in the text is refused
+    for compat in ("exact", "official"):  # ... and one in the text is refused
+        with pytest.raises(tpsurgery.InputError, match=r"^input 1: the text contains the special token '<\|im_end\|>'"):
+            encode_prompts(tok, chat, ["fine", "a <|im_end|> b"], 0, preprocess=False, compat=compat)
 
 
 def _short_context_llama(limit: int = 64):

@@ -208,7 +208,7 @@ def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, i
 
 def _official_within(tokenizer, template, text, placeholder_id, max_length, index) -> Encoded:
     """``_encode_official`` cut to the longest prefix of ``text`` that fits ``max_length`` (like exact mode)."""
-    e = _encode_official(tokenizer, template, text, placeholder_id)
+    e = _encode_official(tokenizer, template, text, placeholder_id, index)
     if max_length is None or len(e.ids) <= max_length:
         return e
     lo, hi = 0, len(text)  # longest character prefix that fits (token count grows with the prefix)
@@ -224,7 +224,7 @@ def _official_within(tokenizer, template, text, placeholder_id, max_length, inde
     return Encoded(e.ids, e.placeholders, e.text_span, truncated=True)
 
 
-def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: int) -> Encoded:
+def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: int, index: int | None = None) -> Encoded:
     chunks: list[list[str]] = [[]]
     for p in split_template(template, drop_space=False):
         if p == PLACEHOLDER_MARKER:
@@ -242,6 +242,8 @@ def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: i
         if not s and k > 0:  # the first chunk is tokenized even when empty: it carries the BOS
             continue
         enc = tokenizer([s], add_special_tokens=(k == 0))
+        if TEXT_SLOT in chunk and index is not None:  # user text never carries a special token (see _Tokenize)
+            tokenizer.check_text(enc["input_ids"][0], enc["offset_mapping"][0], span, index)
         for tok, (a, b) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
             if TEXT_SLOT in chunk and a != b and a < span[1] and b > span[0]:
                 text_tokens.append(len(ids))
