@@ -1,0 +1,81 @@
+"""Baselines for the benchmark: the same recipe run by plain PyTorch forward hooks, and a naive full HF forward.
+
+Both plug into an :class:`tpsurgery.Embedder` as its backend, so tokenization, deduplication and length-sorted batching
+are identical to the nnsight engine's: the benchmark then measures the engine and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tpsurgery.arch import arch_for, get_path
+from tpsurgery.backends.pooling import pool
+from tpsurgery.backends.surgery import overwrite_placeholders, write_initial
+from tpsurgery.plan import Batch, Plan
+
+
+class _Stop(Exception):
+    pass
+
+
+class HookBackend:
+    """TP with ``register_forward_pre_hook`` on the scheduled layers and an early stop by exception (batched)."""
+
+    name = "hooks"
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.spec = arch_for(model)
+        self.layers = get_path(model, self.spec.layers)
+        self.embed = get_path(model, self.spec.embed)
+        self.norm = get_path(model, self.spec.norm)
+
+    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, **_: Any) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        handles = []
+        got: list[torch.Tensor] = []
+        has_ph = batch.placeholders.shape[1] > 0
+        if has_ph and plan.init_vector is not None:
+            handles.append(self.embed.register_forward_hook(lambda m, a, out: write_initial(out, plan, batch)))
+        for i in plan.tp_layers if has_ph else ():
+            handles.append(self.layers[i].register_forward_pre_hook(
+                lambda m, args: (overwrite_placeholders(args[0], plan, batch), *args[1:])))
+        m = plan.exit_layer
+
+        def read(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            got.append(pool(h, plan.pooling, batch.text_mask))
+            raise _Stop
+
+        if m == 0:
+            handles.append(self.layers[0].register_forward_pre_hook(lambda mod, args: read(mod, args, args[0])))
+        else:
+            handles.append((self.norm if m == plan.n_layers else self.layers[m - 1]).register_forward_hook(read))
+        try:
+            with torch.no_grad():
+                self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                           position_ids=batch.position_ids.to(device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return got[0]
+
+
+class FullForwardBackend:
+    """The naive way: one full HF forward (every layer, final norm, LM head) with ``output_hidden_states=True``."""
+
+    name = "hf-full-forward"
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, **_: Any) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                             position_ids=batch.position_ids.to(device), use_cache=False, output_hidden_states=True)
+        return pool(out.hidden_states[plan.exit_layer], plan.pooling, batch.text_mask)
