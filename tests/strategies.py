@@ -60,10 +60,10 @@ _LITERAL = st.text(st.sampled_from(list("abc xyz:\"'.,") + ["é", "語"]), max_s
 
 
 @st.composite
-def templates(draw, markers: bool = True) -> str:
+def templates(draw, markers: bool = True, min_markers: int = 0) -> str:
     """A template: literal pieces, 1-2 ``{text}`` slots, 0-2 ``<PST>`` markers (adjacent / at the ends allowed)."""
     n_slots = draw(st.integers(1, 2))
-    n_markers = draw(st.integers(0, 2)) if markers else 0
+    n_markers = draw(st.integers(min_markers, 2)) if markers else 0
     tokens = ["{text}"] * n_slots + ["<PST> " if draw(st.booleans()) else "<PST>" for _ in range(n_markers)]
     order = draw(st.permutations(tokens))
     out = draw(_LITERAL)
@@ -80,15 +80,20 @@ def _spans(draw, n_layers: int, max_spans: int = 2):
 
 
 @st.composite
-def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=None):
+def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=None, edits: bool = False):
     """A recipe mapping valid for a model with ``n_layers`` decoder layers and the tiny 260-token vocabulary.
 
     ``masks``: also draw attention edits (placeholder.mask first_layer, attention.bidirectional); default: only when
-    tpsurgery/masks.py exists.
+    tpsurgery/masks.py exists. ``edits``: always a placeholder and an attention edit (for the mask properties).
     """
     masks = MASKS_LANDED if masks is None else masks
     many = draw(st.integers(1, 5)) == 1
-    prompt = draw(st.lists(templates(), min_size=2, max_size=2)) if many else draw(st.one_of(st.none(), templates()))
+    if edits:
+        prompt = draw(templates(min_markers=1))
+    elif many:
+        prompt = draw(st.lists(templates(), min_size=2, max_size=2))
+    else:
+        prompt = draw(st.one_of(st.none(), templates()))
     tmpl = prompt if isinstance(prompt, list) else [prompt] if prompt else []
     has_marker = any("<PST>" in t for t in tmpl)
     r: dict = {"prompt": prompt}
@@ -104,7 +109,7 @@ def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=N
             last = max((s["stop"] for s in spans), default=0)
             if last < n_layers:
                 tp["resume"] = draw(st.integers(last, n_layers - 1))
-        tp["alpha"] = draw(st.sampled_from([1.0, 1.0, 0.5, 0.0]) | st.floats(0, 1))
+        tp["alpha"] = draw(st.sampled_from([1.0, 1.0, 0.25, 0.0]) | st.floats(0, 1))
         tp["source"] = draw(st.sampled_from([-1, -1, -2, -3]))
         r["tp"] = tp
         ph: dict = {"init": draw(st.sampled_from(["token", "token", "zeros", "ones", "uniform", "gaussian"]))}
@@ -114,9 +119,12 @@ def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=N
             ph["mean"] = draw(st.floats(-1, 1))
             ph["std"] = draw(st.floats(0.01, 2))
         ph["mask"] = draw(st.sampled_from(["none", "all", "first_layer"] if masks else ["none", "all"]))
+        if edits and ph["mask"] == "all":
+            ph["mask"] = "first_layer"
         r["placeholder"] = ph
-        if masks and draw(st.booleans()):
-            att: dict = {"bidirectional": draw(st.sampled_from(["none", "last_token", "sentence"]))}
+        if masks and (edits or draw(st.booleans())):
+            att: dict = {"bidirectional": draw(st.sampled_from(["last_token", "sentence"] if edits else
+                                                               ["none", "last_token", "sentence"]))}
             if draw(st.booleans()):
                 a, b = sorted(draw(st.lists(st.integers(0, n_layers), min_size=2, max_size=2, unique=True)))
                 att["layers"] = {"start": a, "stop": b}
