@@ -1,5 +1,5 @@
 """Regression checks: the compare logic, the ``regress`` command's exit codes, and the project's own CI guard
-(SmolLM2-135M on the first 200 pairs of STS-B dev against tests/golden/smollm2-stsb-dev200.json)."""
+(SmolLM2-135M, first 200 pairs of STS-B dev, vs tests/golden/smollm2-stsb-dev200.json)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_regress_command_exit_codes(tmp_path):
 
 @pytest.mark.skipif(not SENTEVAL.is_dir(), reason=f"{SENTEVAL} is not present")
 def test_smollm2_stsb_dev_subset_matches_golden(smollm2, tmp_path):
-    """The project's CI guard: both shipped SmolLM2 recipes on a fixed 200-pair subset (~1.5 min on 2 cores).
+    """The project's CI guard: both shipped SmolLM2 recipes on a fixed 200-pair subset (~70 s on 2 cores).
 
     Strict (a rise beyond tol also fails: the golden numbers are this implementation's own). The two recipes differ
     by about 5 points here, so a silently dropped TP schedule or a shifted exit layer fails the check.
