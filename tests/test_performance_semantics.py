@@ -85,6 +85,38 @@ def test_sliding_window_layers_get_length_buckets_and_need_them():
         assert (gap < 1e-4) is should_match, (arch, gap)
 
 
+def _gemma3_with_window(window):
+    from transformers import AutoModelForCausalLM
+
+    from tpsurgery.testing import tiny_config, tiny_tokenizer
+
+    cfg = tiny_config("gemma3")
+    cfg.sliding_window = window
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tiny_tokenizer()
+
+
+def test_sliding_window_longer_than_the_sequence_keeps_padded_batches():
+    """Prefix + rest within the window: the window covers every key, pads or not, so no length buckets are needed.
+    One token less of window and the padded batch is wrong: the criterion is tight."""
+    model, tok = tiny_model("gemma3")
+    fit = max(len(r.ids) for r in tpsurgery.apply(model, RECIPES["tp-last"], tokenizer=tok).tokenize(TEXTS, KE))
+    for window, exact in ((fit, True), (fit - 1, False)):
+        model, tok = _gemma3_with_window(window)
+        on, off = _pair(model, tok, RECIPES["tp-last"])
+        prefix = on._prefix(on.tokenize(TEXTS, KE), on.plan)
+        rest = tpsurgery.prefix.split_rows(on.tokenize(TEXTS, KE), prefix.length)
+        assert prefix.needs_buckets(max(len(r.ids) for r in rest)) is not exact
+        idx, batch = next(on.batches(rest, len(rest), exact_length=False))
+        padded = on.backend.run(on.plan, batch, prefix=prefix).numpy()
+        gap = float(np.abs(padded - off.encode([TEXTS[i] for i in idx], batch_size=len(idx))).max())
+        assert (gap < 1e-4) is exact, (window, gap)
+    model, tok = _gemma3_with_window(fit)
+    on, off = _pair(model, tok, RECIPES["tp-last"])
+    _close(on.encode(TEXTS, batch_size=4), off.encode(TEXTS, batch_size=4))
+    assert on.stats.padding_waste > 0.0
+
+
 def test_prefix_reuse_is_skipped_when_masks_are_edited():
     model, tok = tiny_model("llama")
     recipe = {**RECIPES["tp-last"], "placeholder": {"mask": "first_layer"}}

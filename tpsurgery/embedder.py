@@ -221,6 +221,7 @@ class Embedder:
         if prefix is not None:
             rows = split_rows(rows, prefix.length)
         run_kw = {"prefix": prefix} if prefix is not None else {}
+        buckets = prefix is not None and prefix.needs_buckets(max(len(r.ids) for r in rows))  # sliding windows
         d = get_path(self.model, self.spec.embed).weight.shape[1]
         shape = (len(texts), plan.exit_layer + 1, d) if all_layers else (len(texts), d)
         out = torch.empty(shape, dtype=torch.float32)
@@ -230,7 +231,7 @@ class Embedder:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(texts), desc="encode", unit="text")
-        for idx, batch in self.batches(rows, batch_size, plan, exact_length=prefix is not None and prefix.exact_length):
+        for idx, batch in self.batches(rows, batch_size, plan, exact_length=buckets):
             if plan.pooling == "mean":
                 empty = (batch.text_mask.sum(1) == 0).nonzero()
                 if len(empty):

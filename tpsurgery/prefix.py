@@ -5,8 +5,8 @@ when there is none). By causality those tokens' keys and values do not depend on
 at or after the placeholder, so they are computed once (batch 1) and every batch runs only the rest of the sequence on
 top of them. The rest is left-padded on its own, so pads sit *between* prefix and sentence: exact for full attention
 (pads are masked and position ids count visible tokens), but sliding-window layers (Gemma2/3) measure the window in key
-columns, pads included. There, :attr:`Prefix.exact_length` asks the embedder to batch only rows of equal length (no
-pads at all).
+columns, pads included. There, :meth:`Prefix.needs_buckets` asks the embedder to batch only rows of equal length (no
+pads at all) whenever prefix + rest can be longer than the window.
 
 >>> from tpsurgery.prompts import Encoded
 >>> rows = [Encoded((7, 8, 9, 0, 5, 6), (3,), (4, 5)), Encoded((7, 8, 9, 0, 4), (3,), (4, 5))]
@@ -59,6 +59,14 @@ def _is_sliding(model: Any, cache: Any) -> bool:
     return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
 
 
+def _window(model: Any, cache: Any) -> int | None:
+    """The smallest sliding window (None: unknown)."""
+    sizes = [layer.sliding_window for layer in getattr(cache, "layers", ()) if getattr(layer, "is_sliding", False)]
+    w = getattr(model.config, "sliding_window", None)
+    sizes += [w] if isinstance(w, int) and w > 0 else []
+    return min(sizes) if sizes else None
+
+
 @dataclass(frozen=True)
 class Prefix:
     """A template's shared prompt prefix and its keys/values (batch 1, never mutated)."""
@@ -66,6 +74,15 @@ class Prefix:
     ids: tuple[int, ...]
     cache: Any
     exact_length: bool
+    window: int | None = None
+
+    def needs_buckets(self, width: int) -> bool:
+        """Whether rows of up to ``width`` tokens after the prefix must be batched by exact length.
+
+        Only for sliding-window layers, and only when prefix + rest can exceed the window (inside it, the window
+        covers every key whatever the pads, so padded batches are exact).
+        """
+        return self.exact_length and (self.window is None or self.length + width > self.window)
 
     @property
     def length(self) -> int:
@@ -119,7 +136,7 @@ def compute_prefix(model: Any, ids: Sequence[int]) -> Prefix | None:
         cache = getattr(out, "past_key_values", None)
     if not isinstance(cache, Cache) or not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
         return None
-    return Prefix(tuple(ids), cache, _is_sliding(model, cache))
+    return Prefix(tuple(ids), cache, _is_sliding(model, cache), _window(model, cache))
 
 
 class PrefixStore:
