@@ -189,3 +189,10 @@ INVALID_EDITS = [
     ("unknown_key", 1, "unknown_key"),
     ("tp.unknown", 1, "tp.unknown"),
 ]
+
+
+def scaled(fraction: float):
+    """``@settings`` with a share of the active profile's max_examples (ci: 15, dev: 200), so dev digs deeper too."""
+    from hypothesis import settings
+
+    return settings(max_examples=max(3, round(settings.default.max_examples * fraction)))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import model_for
-from strategies import batch_sizes, engine_recipes, sentence_lists
+from strategies import scaled, batch_sizes, engine_recipes, sentence_lists
 from test_prop_engine import expected_rows, rel_err, valid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -31,7 +31,7 @@ def tl_bridge(arch):
 
 
 @pytest.mark.skipif(not HAS_TL, reason="tpsurgery/backends/tl_backend.py (backend='transformer_lens') not built yet")
-@settings(max_examples=10)
+@scaled(0.67)
 @given(data=st.data())
 def test_backends_agree(data):
     arch = data.draw(st.sampled_from(TL_ARCHS), label="arch")

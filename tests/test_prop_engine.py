@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import Probe, Row, byte_encode, left_pad, max_length, model_for, pool_rows, reference_hidden
-from strategies import archs, batch_sizes, engine_recipes, sentence_lists, sentences, templates
+from strategies import scaled, archs, batch_sizes, engine_recipes, sentence_lists, sentences, templates
 from tpsurgery.testing import PAD
 
 # Batch vs single: same float32 kernels on differently padded inputs (sdpa/eager reductions over longer rows, GEMM
@@ -240,7 +240,7 @@ def test_batch_invariance(data):
 
 # ------------------------------------------------------------------------------------------- invalid inputs
 @given(data=st.data())
-@settings(max_examples=10)
+@scaled(0.67)
 def test_invalid_inputs_are_named(data):
     """Inputs the recipe cannot embed raise InputError naming their index in the caller's list; others embed."""
     arch, bos, recipe = draw_case(data)

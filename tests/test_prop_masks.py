@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import AttentionProbe, Probe, match_rows, model_for
-from strategies import MASKS_LANDED, archs, batch_sizes, engine_recipes, sentence_lists
+from strategies import scaled, MASKS_LANDED, archs, batch_sizes, engine_recipes, sentence_lists
 from test_prop_engine import expected_rows, plain_embedder, resolve_exit, valid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -57,7 +57,7 @@ def check_layer(recipe, i, w, rows, offs, mask, L, bidir_here):
 
 
 @given(data=st.data())
-@settings(max_examples=15)
+@scaled(1)
 def test_attention_probabilities_follow_the_recipe(data):
     arch = data.draw(archs(), label="arch")
     edits = MASKS_LANDED and data.draw(st.integers(0, 2), label="edits") > 0  # 2/3 of the cases edit masks

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from tpsurgery.recipe import dump_recipe, load_recipe, parse_recipe
-from strategies import INVALID_EDITS, engine_recipes, schema_recipes
+from strategies import scaled, INVALID_EDITS, engine_recipes, schema_recipes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @given(raw=schema_recipes())
-@settings(max_examples=60)
+@scaled(4)
 def test_yaml_and_json_round_trip(raw, tmp_path_factory):
     r = parse_recipe(raw)
     assert parse_recipe(dump_recipe(r)) == r
@@ -42,7 +42,7 @@ def _set(raw: dict, path: str, value) -> dict:
 
 
 @given(raw=engine_recipes(masks=True), edit=st.sampled_from(INVALID_EDITS))
-@settings(max_examples=60)
+@scaled(4)
 def test_invalid_recipes_name_the_field(raw, edit):
     path, value, field = edit
     if path.startswith(("tp.", "attention.")) or path.startswith("placeholder."):
@@ -59,7 +59,7 @@ def test_invalid_recipes_name_the_field(raw, edit):
 
 
 @given(data=st.data())
-@settings(max_examples=30)
+@scaled(2)
 def test_recipes_beyond_the_model_depth_name_the_field(data):
     """Valid on paper, invalid for a 4-layer model: the error names the field when the recipe meets the model."""
     from prop_support import model_for

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import model_for
-from strategies import archs, batch_sizes, engine_recipes, sentence_lists, sentences
+from strategies import scaled, archs, batch_sizes, engine_recipes, sentence_lists, sentences
 from test_prop_engine import expected_rows, plain_embedder, rel_err, resolve_exit, valid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -53,7 +53,7 @@ def test_shapes_and_dtypes(data):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@settings(max_examples=6)
+@scaled(0.4)
 @given(arch=archs(), texts=sentence_lists(min_size=1, max_size=3, long=False), data=st.data())
 def test_half_precision_models_return_float32(dtype, arch, texts, data):
     model, tok = model_for(arch, dtype=dtype)
@@ -70,7 +70,7 @@ def test_half_precision_models_return_float32(dtype, arch, texts, data):
 
 
 @given(text=sentences(long=False))
-@settings(max_examples=5)
+@scaled(0.33)
 def test_single_string_is_the_first_row_of_its_list(text):
     model, tok = model_for("llama", bos=True)
     emb = tpsurgery.apply(model, {"prompt": 'This : <PST> "{text}" means', "tp": {"start": 1, "stop": 3},

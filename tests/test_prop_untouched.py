@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import Snapshot, decoder_parts, is_transformers_hook, model_for, raising_on_call
-from strategies import archs, batch_sizes, engine_recipes, sentence_lists
+from strategies import scaled, archs, batch_sizes, engine_recipes, sentence_lists
 from test_prop_engine import expected_rows, resolve_exit, valid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -55,7 +55,7 @@ def check_same(before: Snapshot, model, logits_before):
 
 
 @given(data=st.data())
-@settings(max_examples=10)
+@scaled(0.67)
 def test_model_untouched_after_apply_and_encode(data):
     arch = data.draw(archs(), label="arch")
     recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(), label="recipe"))
@@ -78,7 +78,7 @@ def test_model_untouched_after_apply_and_encode(data):
 
 
 @given(data=st.data())
-@settings(max_examples=10)
+@scaled(0.67)
 def test_model_untouched_after_a_failure_mid_batch(data):
     """A layer that raises on its 2nd call (2nd batch): the error surfaces, nothing is left on the model, and the
     same embedder gives the same embeddings afterwards."""
