@@ -40,11 +40,14 @@ def setup():
 
 def test_one_pass_per_row_equals_separate_runs(setup):
     model, tok, pairs, res = setup
-    assert [r["label"] for r in res.rows] == ["no TP", "TP [0,2)", "TP [0,3)", "TP [1,2)", "TP [1,3)"]
+    assert [r["label"] for r in res.rows] == ["no TP (placeholder hidden)", "TP [0,2)", "TP [0,3)", "TP [1,2)",
+                                              "TP [1,3)"]
     for row in res.rows:
         assert len(row["scores"]) == 5  # hidden_states[0..4] of a 4-layer model
         for m in (1, 3, 4):
             recipe = tpsurgery.parse_recipe(PROMPT).replace(tp=row["tp"], exit_layer=m)
+            if row.get("placeholder_mask") == "all":
+                recipe = recipe.replace(placeholder={"mask": "all"})
             alone = evaluate_sts(tpsurgery.apply(model, recipe, tokenizer=tok), [pairs])[pairs.name]
             assert row["scores"][m] == pytest.approx(alone, abs=1e-3), (row["label"], m)
 
@@ -53,7 +56,7 @@ def test_rows_differ_where_tp_acts_and_agree_where_it_cannot(setup):
     _, _, _, res = setup
     s = {r["label"]: np.array(r["scores"], dtype=float) for r in res.rows}
     np.testing.assert_allclose(s["TP [1,2)"][1:3], s["TP [1,3)"][1:3])  # TP before layer 2 cannot change M <= 2
-    np.testing.assert_allclose(s["no TP"][1:2], s["TP [1,3)"][1:2])
+    np.testing.assert_allclose(s["TP [0,2)"][0:1], s["TP [1,3)"][0:1])  # hidden_states[0]: no layer has run
     assert not np.allclose(s["TP [1,3)"][3:], s["TP [1,2)"][3:])
 
 
@@ -76,6 +79,10 @@ def test_exit_layer_auto_uses_the_stored_row(setup):
     res.store()
     for row in res.rows:
         recipe = tpsurgery.parse_recipe(PROMPT).replace(tp=row["tp"], exit_layer="auto")
+        if row.get("placeholder_mask") == "all":  # the baseline row stands for the prompt without marker
+            with pytest.raises(RecipeError, match="no row for tp"):
+                resolve_auto_exit(model, recipe)
+            continue
         want = int(np.nanargmax(np.array(row["scores"], dtype=float)))
         assert tpsurgery.apply(model, recipe, tokenizer=tok).plan.exit_layer == want
         assert resolve_auto_exit(model, recipe) == want

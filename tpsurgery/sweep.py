@@ -180,9 +180,14 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     rows = []
     for label, tp in grid(recipe, embedder.n_layers, stops, starts, alphas, baseline):
         row_recipe = recipe.replace(tp=tp, exit_layer=-1)
+        hidden_ph = not tp and any(PLACEHOLDER_MARKER in t for t in recipe.templates)
+        if hidden_ph:  # the honest baseline: the prompt without the marker, exactly (placeholder.mask: all)
+            row_recipe = row_recipe.replace(placeholder={**recipe.placeholder.model_dump(), "mask": "all"})
+            label = "no TP (placeholder hidden)"
         plan = compile_plan(row_recipe, embedder.n_layers, hidden, embedder.placeholder_id)
         scores = evaluate_sts(embedder, [pairs], batch_size, progress, all_layers=True, plan=plan)[pairs.name]
         rows.append({"label": label, "tp": row_recipe.tp.model_dump(mode="json"),
+                     **({"placeholder_mask": "all"} if hidden_ph else {}),
                      "scores": [None if np.isnan(x) else round(float(x), 4) for x in scores]})
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return SweepResult(name, model_fingerprint(embedder.model), recipe, pairs.name, len(pairs), embedder.n_layers,
@@ -199,6 +204,8 @@ def resolve_auto_exit(model: Any, recipe: Recipe, path: str | os.PathLike | None
     stored = json.loads(p.read_text(encoding="utf-8"))
     want = _tp_key(recipe)
     for row in stored["rows"]:
+        if row.get("placeholder_mask") == "all":
+            continue  # the hidden-placeholder baseline stands for the prompt without marker, not for this recipe
         if json.dumps(parse_recipe({**recipe.to_dict(), "tp": row["tp"]}).tp.model_dump(mode="json"),
                       sort_keys=True) == want:
             scores = np.array(row["scores"], dtype=np.float64)
