@@ -12,7 +12,7 @@ and the recipe's hash with TP and exit layer removed; ``exit_layer: auto`` looks
 >>> pairs = load_stsb(["../shared/data/format-samples"], "test")
 >>> res = run_sweep(model, 'prompt: "This : <PST> {text} means"', pairs, stops=[2, 3], tokenizer=tok)
 >>> [row["label"] for row in res.rows], len(res.rows[0]["scores"])      # scores for hidden_states[0..3]
-(['no TP', 'TP [1,2)', 'TP [1,3)'], 4)
+(['no TP (placeholder hidden)', 'TP [1,2)', 'TP [1,3)'], 4)
 >>> res.rows[1]["scores"][1:3] == res.rows[2]["scores"][1:3]          # TP at layers >= M cannot change M
 True
 >>> res.rows[0]["scores"][0] is None    # M=0: the last token's embedding row is the same for every sentence
