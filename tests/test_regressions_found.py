@@ -84,3 +84,12 @@ def test_json_recipes_with_any_unicode_round_trip(description, tmp_path):
     with pytest.raises(tpsurgery.RecipeError) as info:  # duplicate keys are still refused in JSON
         tpsurgery.parse_recipe('{"pooling": "last", "pooling": "mean"}')
     assert info.value.field == "pooling"
+
+
+@pytest.mark.parametrize("text", ["\x85", "a\x85b", "\x85\n", "line\u2028sep"])
+def test_yaml_dump_round_trips_line_break_characters(text):
+    """dump_recipe wrote U+0085 (NEL) raw inside a quoted YAML scalar, which PyYAML reads back as a line break, so a
+    recipe whose name/description/prompt held it did not round-trip. Found by test_yaml_and_json_round_trip (dev
+    profile, description '\\x85')."""
+    r = tpsurgery.parse_recipe({"name": text, "description": text, "prompt": text + "{text}"})
+    assert tpsurgery.parse_recipe(tpsurgery.dump_recipe(r)) == r

@@ -393,7 +393,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     """YAML text that :func:`parse_recipe` turns back into an equal recipe."""
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+    data = recipe.to_dict()
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+    if yaml.safe_load(text) != data:  # PyYAML writes U+0085 (NEL) raw in quoted scalars and reads it back as a break
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False, width=120)
+    return text
 
 
 def recipe_schema() -> dict[str, Any]:
