@@ -15,12 +15,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import Probe, Row, byte_encode, left_pad, max_length, model_for, pool_rows, reference_hidden
-from strategies import scaled, archs, batch_sizes, engine_recipes, sentence_lists, sentences, templates
+from strategies import archs, batch_sizes, engine_recipes, scaled, sentence_lists, sentences, templates
 from tpsurgery.testing import PAD
 
 # Batch vs single: same float32 kernels on differently padded inputs (sdpa/eager reductions over longer rows, GEMM
