@@ -93,3 +93,16 @@ def test_yaml_dump_round_trips_line_break_characters(text):
     profile, description '\\x85')."""
     r = tpsurgery.parse_recipe({"name": text, "description": text, "prompt": text + "{text}"})
     assert tpsurgery.parse_recipe(tpsurgery.dump_recipe(r)) == r
+
+
+@pytest.mark.xfail(strict=True, reason="known deviation, not fixed: a hidden placeholder (placeholder.mask: all) still "
+                   "occupies a key column, and sliding-window layers measure the window in columns, so the window "
+                   "shifts by one per hidden placeholder")
+def test_hidden_placeholder_equals_no_marker_on_sliding_window_layers():
+    """Found by test_hidden_placeholders_equal_the_prompt_without_markers (gemma2, template '{text}:::<PST>::a',
+    text '', exit 1): relative difference 5e-2 against the prompt without the marker."""
+    model, tok = model_for("gemma2")
+    hidden = tpsurgery.apply(model, {"prompt": "{text}:::<PST>::a", "placeholder": {"mask": "all"}, "exit_layer": 1},
+                             tokenizer=tok, prefix_cache=False)
+    bare = tpsurgery.apply(model, {"prompt": "{text}:::::a", "exit_layer": 1}, tokenizer=tok, prefix_cache=False)
+    np.testing.assert_allclose(hidden.encode(""), bare.encode(""), rtol=1e-4, atol=1e-5)
