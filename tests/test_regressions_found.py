@@ -106,3 +106,17 @@ def test_hidden_placeholder_equals_no_marker_on_sliding_window_layers():
                              tokenizer=tok, prefix_cache=False)
     bare = tpsurgery.apply(model, {"prompt": "{text}:::::a", "exit_layer": 1}, tokenizer=tok, prefix_cache=False)
     np.testing.assert_allclose(hidden.encode(""), bare.encode(""), rtol=1e-4, atol=1e-5)
+
+
+def test_official_compat_mean_pools_the_last_text_slot():
+    """compat=official collected sentence tokens from every chunk holding a {text} slot, so with two slots split by
+    a <PST> the sentence span (mean pooling) ran from the first slot to the last, placeholder included; exact mode
+    uses the last slot. Found by test_engine_semantics_against_hook_reference (dev profile, prompt
+    '{text}<PST>{text}', mean pooling, text ' ')."""
+    model, tok = model_for("llama")
+    rows = {}
+    for compat in ("exact", "official"):
+        emb = tpsurgery.apply(model, {"prompt": "{text}<PST>{text}", "compat": compat, "pooling": "mean",
+                                      "tp": {"resume": 0}}, tokenizer=tok)
+        rows[compat] = emb.tokenize([" "], emb.recipe.templates[0])[0]
+    assert rows["official"].text_span == rows["exact"].text_span == (3, 5)

@@ -244,6 +244,8 @@ def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: i
         enc = tokenizer([s], add_special_tokens=(k == 0))
         if TEXT_SLOT in chunk and index is not None:  # user text never carries a special token (see _Tokenize)
             tokenizer.check_text(enc["input_ids"][0], enc["offset_mapping"][0], span, index)
+        if TEXT_SLOT in chunk:  # the sentence span is the LAST {text} slot's tokens (as in exact mode)
+            text_tokens = []
         for tok, (a, b) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
             if TEXT_SLOT in chunk and a != b and a < span[1] and b > span[0]:
                 text_tokens.append(len(ids))
