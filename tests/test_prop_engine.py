@@ -143,7 +143,9 @@ def _check_batch(model, recipe, call, k, probe, rows_by_ids, n, m, out_rows):
     src = L + recipe.tp.source
     phs = torch.tensor([[o + p for p in r.placeholders] for r, o in zip(rows, offs)], dtype=torch.long)
     phs = phs.reshape(len(rows), -1)
-    sched = sorted(scheduled_layers(recipe, n))
+    # TP before layer i can only change hidden_states[j > i]; HF's hidden_states[0] is captured at layer 0's input
+    # (after pre-hooks), so the reference must not apply TP at layers >= M itself
+    sched = sorted(i for i in scheduled_layers(recipe, n) if i < m)
     iv = init_vector(recipe, model.config.hidden_size)
     common = dict(placeholders=phs, source=recipe.tp.source, alpha=recipe.tp.alpha, init_vector=iv)
     with Probe(model) as ref_probe:
