@@ -205,3 +205,23 @@ def test_apply_accepts_nnsight_wrappers_and_rejects_other_objects():
         tpsurgery.apply(object(), rec)
     with pytest.raises(tpsurgery.ModelError, match="pass tokenizer="):
         tpsurgery.apply(model, rec)
+
+
+def test_closing_the_embedder_leaves_the_model_object_exactly_as_it_was():
+    model, tok = tiny_model("llama")
+    before = {n: dict(vars(m)) for n, m in model.named_modules()}
+    rec = {"prompt": P, "tp": {"start": 0, "stop": 2}, "exit_layer": 3}
+    with tpsurgery.apply(model, rec, tokenizer=tok) as emb:
+        first = emb.encode(TEXTS)
+        assert any("__nnsight__" in vars(m) for m in model.modules())  # nnsight wraps while in use
+    after = {n: dict(vars(m)) for n, m in model.named_modules()}
+    assert after.keys() == before.keys()
+    for n in before:
+        assert after[n].keys() == before[n].keys(), n
+        assert all(after[n][k] is before[n][k] for k in before[n] if k not in ("_parameters", "_buffers", "_modules")), n
+    np.testing.assert_array_equal(emb.encode(TEXTS), first)  # usable again after close (wraps anew)
+    emb.close()
+    with pytest.raises(tpsurgery.InputError):
+        with tpsurgery.apply(model, rec, tokenizer=tok) as emb2:
+            emb2.encode([None])
+    assert not any("__nnsight__" in vars(m) or "forward" in vars(m) for m in model.modules())

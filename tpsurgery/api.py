@@ -75,7 +75,8 @@ def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) 
 
 def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: Any = None,
           backend: str | None = None, prefix_cache: bool = True, embedding_cache: Any = None) -> Embedder:
-    """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. The model is never modified.
+    """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. Weights, config and hooks are never modified;
+    nnsight's pass-through forward wrappers stay on the module instances until ``Embedder.close()`` (or ``with``).
 
     ``prefix_cache``: reuse the prompt prefix's keys/values where that is exact (see :mod:`tpsurgery.prefix`);
     ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk.

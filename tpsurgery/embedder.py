@@ -260,6 +260,21 @@ class Embedder:
         return prefix
 
     # -- explain ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Undo what the backend left on the model object (nnsight's forward wrappers); ``encode`` still works after.
+
+        ``with tpsurgery.apply(model, recipe) as emb: ...`` closes on exit, also on exceptions.
+        """
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def explain(self, text: str) -> str:
         """The token sequence with placeholders marked, their positions, the layer schedule and the exit layer."""
         lines = [f"recipe: {self.recipe.name or '(unnamed)'}  [{self.recipe.hash()}]",

@@ -26,12 +26,36 @@ class NNsightBackend:
     supports_prefix = True  # runs the rest of a sequence on top of a prompt prefix's keys/values (tpsurgery.prefix)
 
     def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None):
-        import nnsight
-
         self.model = model
         self.spec = spec or arch_for(model)
-        self.envoy = envoy if envoy is not None else nnsight.NNsight(model)
+        self._owns_envoy = envoy is None
+        self._envoy = envoy
         self.n_layers = len(get_path(model, self.spec.layers))
+
+    @property
+    def envoy(self) -> Any:
+        """The nnsight wrapper (created on first use when the caller passed a bare transformers model)."""
+        if self._envoy is None:
+            import nnsight
+
+            self._envoy = nnsight.NNsight(self.model)
+        return self._envoy
+
+    def close(self) -> None:
+        """Take nnsight's per-module ``forward`` wrappers off the model again (only those this backend put there).
+
+        ``nnsight.NNsight(model)`` sets ``forward`` and ``__nnsight__`` on every module instance; they pass calls
+        through unchanged, but the model object is only exactly as it was once they are gone. A later ``run`` wraps
+        the model again.
+        """
+        if not self._owns_envoy or self._envoy is None:
+            return
+        for module in self.model.modules():
+            attrs = vars(module)
+            if type(attrs.get("forward")).__module__.startswith("nnsight"):
+                del module.forward
+            attrs.pop("__nnsight__", None)
+        self._envoy = None
 
     def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None,
             prefix: Any = None) -> torch.Tensor:
