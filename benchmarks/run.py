@@ -49,7 +49,7 @@ def recipe(name: str, **changes):
 
 def variants(model, tok) -> dict[str, tpsurgery.Embedder]:
     """name -> embedder. Prompt variants exit at ``EXIT`` so that their ratios measure prompt length only."""
-    ap = lambda r, **kw: tpsurgery.apply(model, r, tokenizer=tok, **kw)  # noqa: E731
+    ap = lambda r, **kw: tpsurgery.apply(model, r, tokenizer=tok, **{"prefix_cache": True, **kw})  # noqa: E731
     peol, tp = recipe("smollm2-prompteol", exit_layer=EXIT), recipe("smollm2-prompteol-tp", exit_layer=EXIT)
     v = {
         "peol": ap(peol),

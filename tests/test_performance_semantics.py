@@ -196,3 +196,16 @@ def test_embedding_cache_is_instant_and_never_stale(tmp_path):
     assert not np.allclose(other.encode(TEXTS), changed)
     layers = other.encode(TEXTS, all_layers=True)
     assert layers.shape == (6, 3, 32) and np.array_equal(other.encode(TEXTS, all_layers=True), layers)
+
+
+def test_prefix_reuse_defaults_on_for_cpu_models_and_can_be_turned_off():
+    import tpsurgery
+    from tpsurgery.testing import tiny_model
+
+    model, tok = tiny_model("llama")
+    rec = {"prompt": 'This sentence : <PST> "{text}" means', "tp": {"start": 0, "stop": 2}, "exit_layer": 2}
+    auto = tpsurgery.apply(model, rec, tokenizer=tok)
+    off = tpsurgery.apply(model, rec, tokenizer=tok, prefix_cache=False)
+    a, b = auto.encode(["one", "two words"]), off.encode(["one", "two words"])
+    assert auto.stats.prefix_tokens_saved > 0 and off.stats.prefix_tokens_saved == 0
+    assert abs(a - b).max() <= 1e-5 * abs(b).max()

@@ -74,11 +74,13 @@ def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) 
 
 
 def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: Any = None,
-          backend: str | None = None, prefix_cache: bool = True, embedding_cache: Any = None) -> Embedder:
+          backend: str | None = None, prefix_cache: bool | None = None, embedding_cache: Any = None) -> Embedder:
     """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. Weights, config and hooks are never modified;
     nnsight's pass-through forward wrappers stay on the module instances until ``Embedder.close()`` (or ``with``).
 
-    ``prefix_cache``: reuse the prompt prefix's keys/values where that is exact (see :mod:`tpsurgery.prefix`);
+    ``prefix_cache``: reuse the prompt prefix's keys/values where that is exact (see :mod:`tpsurgery.prefix`); the
+    default ``None`` turns it on for models on the CPU only (on a GPU a small model is launch-bound and reuse measured
+    no gain, docs/performance.md);
     ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk.
 
     ``backend``: ``nnsight`` (default) or ``transformer_lens`` (default for a ``TransformerBridge``; for any other

@@ -79,7 +79,7 @@ class Embedder:
     """A recipe applied to a model: ``encode`` texts into embeddings; ``explain`` what the recipe does to one text."""
 
     def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Any, spec: ArchSpec | None = None,
-                 prefix_cache: bool = True, embedding_cache: Any = None):
+                 prefix_cache: bool | None = None, embedding_cache: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -251,7 +251,10 @@ class Embedder:
 
     def _prefix(self, rows: Sequence[Encoded], plan: Plan) -> Prefix | None:
         """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, no attention-mask edits."""
-        if not (self.prefix_cache and getattr(self.backend, "supports_prefix", False)) or plan.needs_masks:
+        enabled = self.prefix_cache
+        if enabled is None:  # auto: measured to pay on the CPU, not on a GPU (docs/performance.md)
+            enabled = next(self.model.parameters()).device.type == "cpu"
+        if not (enabled and getattr(self.backend, "supports_prefix", False)) or plan.needs_masks:
             return None
         n = shared_prefix_length(rows, plan.source)
         prefix = self._prefixes.get(rows[0].ids[:n]) if n > 0 else None
