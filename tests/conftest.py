@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, settings
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # `ci` keeps the whole suite inside CI's budget; `dev` digs deeper locally (HYPOTHESIS_PROFILE=dev).
-settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True,
+settings.register_profile("dev", max_examples=1000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

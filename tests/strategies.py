@@ -192,7 +192,7 @@ INVALID_EDITS = [
 
 
 def scaled(fraction: float):
-    """``@settings`` with a share of the active profile's max_examples (ci: 15, dev: 200), so dev digs deeper too."""
+    """``@settings`` with a share of the active profile's max_examples (ci: 100, dev: 1000), so dev digs deeper too."""
     from hypothesis import settings
 
     return settings(max_examples=max(3, round(settings.default.max_examples * fraction)))
