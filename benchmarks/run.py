@@ -29,18 +29,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import tpsurgery  # noqa: E402
 from hooks import FullForwardBackend, HookBackend  # noqa: E402
 
-STSB_DEV = ROOT.parent / "shared/data/senteval/STS/STSBenchmark/sts-dev.csv"
+SENTEVAL = ROOT.parent / "shared/data/senteval"
 EXIT = -3  # hidden_states[28] of 30: the SmolLM2 PromptEOL(-TP) recipes' exit; every prompt variant uses it
 HEAVY = ("ke_off", "ke_on", "meta_off", "meta_on")  # long prompts: fewer sentences (times are per sentence)
 
 
-def sentences(path: Path, n: int) -> list[str]:
-    out: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        cols = line.split("\t")
-        if len(cols) >= 7:
-            out += [cols[5], cols[6]]
-    return list(dict.fromkeys(out))[:n]
+def sentences(n: int) -> list[str]:
+    """The first ``n`` unique STS-B dev sentences, pair by pair, read by tpsurgery's own loader."""
+    from tpsurgery.data import load_stsb
+
+    dev = load_stsb([SENTEVAL], "dev")
+    return list(dict.fromkeys(s for pair in zip(dev.a, dev.b) for s in pair))[:n]
 
 
 def recipe(name: str, **changes):
@@ -126,7 +125,7 @@ def measure(emb, texts, batch_size, device) -> tuple[float, float]:
 
 
 def bench(label, model, tok, device, batch_size, n, n_heavy, rounds, log) -> dict:
-    texts_all = sentences(STSB_DEV, max(n, n_heavy))
+    texts_all = sentences(max(n, n_heavy))
     vs = variants(model, tok)
     texts = {k: texts_all[: (n_heavy if k in HEAVY else n)] for k in vs}
     for k, e in vs.items():  # warm-up: nnsight code compiled, prompt prefixes computed

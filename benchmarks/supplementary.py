@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tpsurgery  # noqa: E402
 from hooks import HookBackend  # noqa: E402
-from run import EXIT, STSB_DEV, recipe, sentences  # noqa: E402
+from run import EXIT, recipe, sentences  # noqa: E402
 
 
 def overhead(n: int) -> None:
@@ -27,7 +27,7 @@ def overhead(n: int) -> None:
 
     for label, (m, tok) in [("tiny-llama-30L-h64", tiny_model("llama", n_layers=30, hidden=64)),
                             ("smollm2-135m", tpsurgery.load_model("smollm2-135m"))]:
-        texts = sentences(STSB_DEV, n)
+        texts = sentences(n)
         tp = recipe("smollm2-prompteol-tp", exit_layer=EXIT)
         eng = tpsurgery.apply(m, tp, tokenizer=tok, prefix_cache=False)
         hk = tpsurgery.apply(m, tp, tokenizer=tok, prefix_cache=False)
@@ -49,7 +49,7 @@ def overhead(n: int) -> None:
 
 def exit_ratio(rounds: int, n: int) -> None:
     m, tok = tpsurgery.load_model("smollm2-135m")
-    texts = sentences(STSB_DEV, n)
+    texts = sentences(n)
     peol = recipe("smollm2-prompteol", exit_layer=EXIT)
     v = {f"{k}{'' if pc else '_nopfx'}": tpsurgery.apply(m, peol.replace(exit_layer=x), tokenizer=tok, prefix_cache=pc)
          for pc in (True, False) for k, x in (("x20", 20), ("full", -1))}

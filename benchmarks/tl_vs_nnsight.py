@@ -13,22 +13,19 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
 import tpsurgery
 from tpsurgery.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-STSB_DEV = ROOT.parent / "shared/data/senteval/STS/STSBenchmark/sts-dev.csv"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import sentences  # noqa: E402  (one reader of the benchmark sentences)
 
 
-def sentences(n: int) -> list[str]:
-    out: list[str] = []
-    for line in STSB_DEV.read_text(encoding="utf-8").splitlines():
-        cols = line.split("\t")
-        if len(cols) >= 7:
-            out += [cols[5], cols[6]]
-    return list(dict.fromkeys(out))[:n]
 
 
 def main() -> None:
