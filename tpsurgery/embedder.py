@@ -193,6 +193,73 @@ class Embedder:
             return out
         return out.numpy()
 
+    def encode_schedules(self, sentences: Sequence[str], plans: Sequence[Plan], batch_size: int = 32,
+                         share_layers: bool = True, show_progress_bar: bool | None = None) -> "LayerReads":
+        """Every ``hidden_states[M]`` (M = 0..exit) of several plans, first layers they agree on computed once.
+
+        For sweeps: TP [1, k) for k = 2..L agree on layers < k-1, so each row runs only the layers after its
+        predecessor's last shared one (:func:`tpsurgery.plan.share`; ``share_layers=False`` or a backend without
+        ``run_part``: each plan on its own). ``result[r, M]`` is ``[n, d]``, equal to
+        ``encode(..., all_layers=True, plan=plans[r])[:, M]``.
+
+        >>> import tpsurgery
+        >>> from tpsurgery.plan import compile_plan
+        >>> from tpsurgery.testing import tiny_model
+        >>> model, tok = tiny_model("llama", n_layers=3)
+        >>> emb = tpsurgery.apply(model, "prompt: '<PST> {text} means'", tokenizer=tok)
+        >>> plans = [compile_plan(emb.recipe.replace(tp={"start": 1, "stop": k}), 3, 32) for k in (2, 3)]
+        >>> reads = emb.encode_schedules(["a b", "c"], plans)
+        >>> reads[1, 3].shape, reads.slots    # hidden_states[0..2] of TP [1,3) are TP [1,2)'s
+        (torch.Size([2, 32]), ((0, 1, 2, 3), (0, 1, 2, 4)))
+        """
+        from .plan import share_groups
+
+        texts = self._check_texts(sentences)
+        unique = list(dict.fromkeys(texts))
+        d = get_path(self.model, self.spec.embed).weight.shape[1]
+        parts, slots, n = [], [()] * len(plans), 0
+        self._truncated = set()
+        with eval_mode(self.model):
+            resume = share_layers and getattr(self.backend, "supports_resume", False)  # else: each plan on its own
+            for members, sharing in share_groups(plans, resume):
+                group = [plans[r] for r in members]
+                per_template = [self._encode_rows(unique, t, batch_size, show_progress_bar, group[0],
+                                                  (sharing.n_slots, d), lambda b, kw: self._run_shared(group, sharing, b, kw))
+                                for t in self.recipe.templates] if unique else [torch.zeros(0, sharing.n_slots, d)]
+                parts.append(torch.stack(per_template).mean(0))
+                for r, row in zip(members, sharing.slots):
+                    slots[r] = tuple(n + k for k in row)
+                n += sharing.n_slots
+        if self._truncated:
+            first = {t: i for i, t in reversed(list(enumerate(texts)))}
+            warnings.warn(truncation_message(sorted(first[unique[i]] for i in self._truncated), self.max_length),
+                          UserWarning, stacklevel=2)
+        values = torch.cat(parts, 1) if parts else torch.zeros(len(unique), 0, 0)
+        where = {t: i for i, t in enumerate(unique)}
+        return LayerReads(values[torch.tensor([where[t] for t in texts], dtype=torch.long)], tuple(slots))
+
+    def _run_shared(self, plans: Sequence[Plan], sharing: Any, batch: Batch, kw: dict) -> torch.Tensor:
+        """One batch through every plan of a :class:`~tpsurgery.plan.Sharing`: ``[B, n_slots, d]``."""
+        d = get_path(self.model, self.spec.embed).weight.shape[1]
+        out = torch.empty((batch.size, sharing.n_slots, d), dtype=torch.float32)
+        last_use = {(q, sharing.start[r]): r for r, q in enumerate(sharing.origin) if q is not None}
+        kept: dict[tuple[int, int], torch.Tensor] = {}
+        for r, plan in enumerate(plans):
+            own = sharing.own(r)
+            if not len(own):
+                continue  # every read of this plan is shared with earlier ones
+            q, j = sharing.origin[r], sharing.start[r]
+            if q is None and not sharing.keep[r]:
+                reads = self.backend.run(plan, batch, all_layers=True, **kw)
+            else:
+                reads, new = self.backend.run_part(plan, batch, start=j if q is not None else 0,
+                                                   hidden=kept.get((q, j)), keep=sharing.keep[r], **kw)
+                kept.update({(r, layer): h for layer, h in new.items()})
+            out[:, [sharing.slots[r][m] for m in own]] = reads.float().cpu()
+            for key in [k for k, last in last_use.items() if last == r]:
+                kept.pop(key, None)  # no later plan resumes from it
+        return out
+
     def _cached(self, unique: list[str], plan: Plan, all_layers: bool) -> tuple[dict, str | None]:
         """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""
         if self.embedding_cache is None:
@@ -215,6 +282,13 @@ class Embedder:
         return texts
 
     def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan) -> torch.Tensor:
+        d = get_path(self.model, self.spec.embed).weight.shape[1]
+        tail = (plan.exit_layer + 1, d) if all_layers else (d,)
+        return self._encode_rows(texts, template, batch_size, progress, plan, tail,
+                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw))
+
+    def _encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch) -> torch.Tensor:
+        """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts``; rows back in order."""
         rows = self.tokenize(texts, template, warn=False)
         getattr(self, "_truncated", set()).update(i for i, r in enumerate(rows) if r.truncated)
         prefix = self._prefix(rows, plan)  # the shared prompt prefix's keys/values, or None
@@ -222,9 +296,7 @@ class Embedder:
             rows = split_rows(rows, prefix.length)
         run_kw = {"prefix": prefix} if prefix is not None else {}
         buckets = prefix is not None and prefix.needs_buckets(max(len(r.ids) for r in rows))  # sliding windows
-        d = get_path(self.model, self.spec.embed).weight.shape[1]
-        shape = (len(texts), plan.exit_layer + 1, d) if all_layers else (len(texts), d)
-        out = torch.empty(shape, dtype=torch.float32)
+        out = torch.empty((len(texts), *tail), dtype=torch.float32)
         oom: dict = {}  # out-of-memory splits: the batch size that fits (tpsurgery.resources)
         bar = None
         if progress:
@@ -240,7 +312,7 @@ class Embedder:
             def run(part: list[int], whole=batch, idx=idx):  # a half of the batch is collated like the batch
                 b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.source, indices=part,
                                                       hide_placeholders=plan.hide_placeholders)
-                return self.backend.run(plan, b, all_layers=all_layers, **run_kw).cpu()
+                return run_batch(b, run_kw).cpu()
 
             out[torch.tensor(idx)] = run_splitting(run, idx, oom)
             if bar is not None:
@@ -303,3 +375,16 @@ class Embedder:
         lines.append(self.plan.describe())
         lines.append(f"pooling: {self.plan.pooling}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LayerReads:
+    """Pooled ``hidden_states`` of several plans (:meth:`Embedder.encode_schedules`): ``reads[r, M]`` is ``[n, d]``;
+    plans that share a layer share its slot in ``values`` (``[n, slots, d]``), so equal reads are stored once."""
+
+    values: torch.Tensor
+    slots: tuple[tuple[int, ...], ...]
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        r, m = key
+        return self.values[:, self.slots[r][m]]

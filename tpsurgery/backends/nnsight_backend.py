@@ -24,6 +24,7 @@ class NNsightBackend:
 
     name = "nnsight"
     supports_prefix = True  # runs the rest of a sequence on top of a prompt prefix's keys/values (tpsurgery.prefix)
+    supports_resume = True  # run_part: starts at a layer from another plan's hidden state (shared sweeps)
 
     def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None):
         self.model = model
@@ -59,6 +60,20 @@ class NNsightBackend:
 
     def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None,
             prefix: Any = None) -> torch.Tensor:
+        return self._call(plan, batch, all_layers, prefix, attention_masks)[0]
+
+    def run_part(self, plan: Plan, batch: Batch, start: int = 0, hidden: torch.Tensor | None = None,
+                 keep: tuple[int, ...] = (), prefix: Any = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One part of a shared sweep (:func:`tpsurgery.plan.share`): ``[B, n, d]`` pooled reads of
+        ``hidden_states[start + 1 .. M]`` (``[0 .. M]`` when ``start`` is 0), and ``{j: hidden_states[j]}`` for the
+        layers in ``keep`` (whole sequences, before this plan's edits of layer ``j``).
+
+        ``start > 0``: decoder layers ``< start`` do not run; ``hidden`` (``hidden_states[start]`` of a plan that
+        agrees with this one on those layers) is what they would have returned.
+        """
+        return self._call(plan, batch, True, prefix, None, start, hidden, keep)
+
+    def _call(self, plan, batch, all_layers, prefix, attention_masks, start=0, hidden=None, keep=()):
         device = next(self.model.parameters()).device
         kwargs = dict(
             input_ids=batch.input_ids.to(device),
@@ -71,38 +86,49 @@ class NNsightBackend:
                 raise BackendError("prefix reuse cannot be combined with attention-mask edits")
             kwargs = prefix.model_inputs(batch, device)
         try:
-            return self._trace(plan, batch, all_layers, kwargs)
+            return self._trace(plan, batch, all_layers, kwargs, start, hidden, keep)
         except TpsurgeryError:
             raise
         except Exception as exc:  # nnsight re-raises model errors from its worker; add context
             raise BackendError(f"nnsight backend failed on a batch of {batch.size}: {type(exc).__name__}: {exc}") from exc
 
-    def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict) -> torch.Tensor:
+    def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, start: int = 0,
+               hidden: torch.Tensor | None = None, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
         layers = get_path(self.envoy, self.spec.layers)
         embed = get_path(self.envoy, self.spec.embed)
         norm = get_path(self.envoy, self.spec.norm)
         tuple_out = self.spec.tuple_output
         has_ph = batch.placeholders.shape[1] > 0
         m = plan.exit_layer
-        reads = []
+        reads, kept = [], {}
         masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
         where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
+        if start:
+            hidden = hidden.to(next(self.model.parameters()).device)
+            skipped = (hidden,) if tuple_out else hidden
         with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
-            if has_ph and plan.init_vector is not None:
+            if has_ph and plan.init_vector is not None and not start:
                 embed.output = write_initial(embed.output, plan, batch)
             for i in range(plan.layers_run):
+                if i < start:  # resumed: these layers do not run; the last one "returns" hidden_states[start]
+                    layers[i].skip(skipped)
+                    continue
                 if i in masks:
                     layers[i].inputs = replace_mask(layers[i].inputs, masks[i], where)
                 if all_layers and i == 0:
                     reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
                 if has_ph and i in plan.tp_layers:
                     layers[i].input = overwrite_placeholders(layers[i].input, plan, batch)
-                if all_layers and i < m - 1 or (i == m - 1 and m < plan.n_layers):
+                read = all_layers and i < m - 1 or (i == m - 1 and m < plan.n_layers)  # hidden_states[i + 1]
+                if read or i + 1 in keep:
                     out = layers[i].output[0] if tuple_out else layers[i].output
-                    reads.append(pool(out, plan.pooling, batch.text_mask).save())
+                    if i + 1 in keep:
+                        kept[i + 1] = out.clone().save()
+                    if read:
+                        reads.append(pool(out, plan.pooling, batch.text_mask).save())
             if m == 0:  # no layer runs: the read is layer 0's input (also the only all_layers slice)
                 reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
             elif m == plan.n_layers:
                 reads.append(pool(norm.output, plan.pooling, batch.text_mask).save())
             tracer.stop()
-        return torch.stack(reads, 1) if all_layers else reads[-1]
+        return (torch.stack(reads, 1) if all_layers else reads[-1]), kept
