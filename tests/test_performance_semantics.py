@@ -144,9 +144,11 @@ def test_early_exit_runs_nothing_after_the_exit_layer(prefix_cache, exit_layer, 
     model, tok = tiny_model("llama")
     recipe = {**RECIPES["tp-last"], "tp": {"start": 0, "stop": 4}, "exit_layer": exit_layer}
     emb = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=prefix_cache)
-    emb.encode(TEXTS)  # computes (and stores) the prompt prefix, which runs once per template
     calls, handles = _count_calls(model)
     try:
+        emb.encode(TEXTS[:1])  # computes (and stores) the prompt prefix, which runs once per template
+        assert calls["lm_head"] == 0  # ... without the LM head
+        calls.update(dict.fromkeys(calls, 0))
         emb.encode(TEXTS, batch_size=2)  # 5 unique texts -> 3 batches
     finally:
         for h in handles:

@@ -106,3 +106,15 @@ def test_sweep_scores_do_not_depend_on_sharing_or_chunking():
     for a, b in zip(shared.rows, alone.rows):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-3, nan_ok=True)
     assert shared.extra["layer_forwards_per_batch"] < alone.extra["layer_forwards_per_batch"]
+
+
+def test_encode_schedules_names_the_callers_input_and_warns_once():
+    model, tok = tiny_model("llama", n_layers=3)
+    emb = tpsurgery.apply(model, "prompt: 'x <PST> {text} y'\npooling: mean", tokenizer=tok)
+    plans = [compile_plan(emb.recipe.replace(tp={"start": 1, "stop": k}), 3, 32, emb.placeholder_id) for k in (2, 3)]
+    with pytest.raises(tpsurgery.InputError, match="mean pooling") as err:
+        emb.encode_schedules(["a", "a", ""], plans)
+    assert err.value.index == 2
+    with pytest.warns(UserWarning, match="truncated") as rec:
+        emb.encode_schedules(["b", "c " * 600, "c " * 600], plans)
+    assert len([w for w in rec if "truncated" in str(w.message)]) == 1

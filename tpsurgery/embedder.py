@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from contextlib import nullcontext
@@ -164,17 +165,8 @@ class Embedder:
             cached, key = self._cached(unique, plan, all_layers)
             todo = [t for t in unique if t not in cached]
             if todo:
-                self._truncated: set[int] = set()  # filled by _encode_unique; one warning per encode call
-                try:
-                    with eval_mode(self.model):  # a model left in training mode would apply dropout
-                        per_template = [self._encode_unique(todo, t, batch_size, show_progress_bar, all_layers, plan)
-                                        for t in self.recipe.templates]
-                except TpsurgeryError as exc:  # indices of `todo` -> indices of the caller's list
-                    raise at_user_index(exc, todo, texts) from exc.__cause__
-                if self._truncated:
-                    first = {t: i for i, t in reversed(list(enumerate(texts)))}
-                    cut = sorted(first[todo[i]] for i in self._truncated)
-                    warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=2)
+                per_template = self._per_template(todo, texts, lambda t, cut: self._encode_unique(
+                    todo, t, batch_size, show_progress_bar, all_layers, plan, cut))
                 new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
                 bad = (~torch.isfinite(new.reshape(len(todo), -1))).any(1).nonzero()[:, 0].tolist()
                 if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
@@ -217,24 +209,21 @@ class Embedder:
         texts = self._check_texts(sentences)
         unique = list(dict.fromkeys(texts))
         d = get_path(self.model, self.spec.embed).weight.shape[1]
-        parts, slots, n = [], [()] * len(plans), 0
-        self._truncated = set()
-        with eval_mode(self.model):
-            resume = share_layers and getattr(self.backend, "supports_resume", False)  # else: each plan on its own
-            for members, sharing in share_groups(plans, resume):
-                group = [plans[r] for r in members]
-                per_template = [self._encode_rows(unique, t, batch_size, show_progress_bar, group[0],
-                                                  (sharing.n_slots, d), lambda b, kw: self._run_shared(group, sharing, b, kw))
-                                for t in self.recipe.templates] if unique else [torch.zeros(0, sharing.n_slots, d)]
-                parts.append(torch.stack(per_template).mean(0))
-                for r, row in zip(members, sharing.slots):
-                    slots[r] = tuple(n + k for k in row)
-                n += sharing.n_slots
-        if self._truncated:
-            first = {t: i for i, t in reversed(list(enumerate(texts)))}
-            warnings.warn(truncation_message(sorted(first[unique[i]] for i in self._truncated), self.max_length),
-                          UserWarning, stacklevel=2)
-        values = torch.cat(parts, 1) if parts else torch.zeros(len(unique), 0, 0)
+        groups = share_groups(plans, share_layers and getattr(self.backend, "supports_resume", False))
+        slots, n = [()] * len(plans), 0
+        for members, sharing in groups:
+            for r, row in zip(members, sharing.slots):
+                slots[r] = tuple(n + k for k in row)
+            n += sharing.n_slots
+
+        def one_template(template: str, cut: set) -> torch.Tensor:  # every group's slots, side by side
+            return torch.cat([self._encode_rows(unique, template, batch_size, show_progress_bar, plans[members[0]],
+                                                (sharing.n_slots, d), functools.partial(
+                                                    self._run_shared, [plans[r] for r in members], sharing), cut)
+                              for members, sharing in groups], 1)
+
+        values = torch.stack(self._per_template(unique, texts, one_template)).mean(0) if unique else \
+            torch.zeros(0, n, d)
         where = {t: i for i, t in enumerate(unique)}
         return LayerReads(values[torch.tensor([where[t] for t in texts], dtype=torch.long)], tuple(slots))
 
@@ -281,16 +270,32 @@ class Embedder:
                 raise InputError(i, f"expected a str, got {type(t).__name__}")
         return texts
 
-    def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan) -> torch.Tensor:
+    def _per_template(self, todo: list[str], texts: list[str], encode_one) -> list[torch.Tensor]:
+        """``encode_one(template, truncated)`` for each template on the distinct texts ``todo``, in eval mode; errors
+        name indices of the caller's ``texts``; one warning lists the truncated ones."""
+        truncated: set[int] = set()  # indices into todo, filled by _encode_rows
+        try:
+            with eval_mode(self.model):  # a model left in training mode would apply dropout
+                out = [encode_one(t, truncated) for t in self.recipe.templates]
+        except TpsurgeryError as exc:  # indices of `todo` -> indices of the caller's list
+            raise at_user_index(exc, todo, texts) from exc.__cause__
+        if truncated:
+            first = {t: i for i, t in reversed(list(enumerate(texts)))}
+            warnings.warn(truncation_message(sorted(first[todo[i]] for i in truncated), self.max_length),
+                          UserWarning, stacklevel=3)
+        return out
+
+    def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated) -> torch.Tensor:
         d = get_path(self.model, self.spec.embed).weight.shape[1]
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
         return self._encode_rows(texts, template, batch_size, progress, plan, tail,
-                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw))
+                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated)
 
-    def _encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch) -> torch.Tensor:
-        """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts``; rows back in order."""
+    def _encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated) -> torch.Tensor:
+        """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts``; rows back in order.
+        Adds the indices of truncated texts to ``truncated``."""
         rows = self.tokenize(texts, template, warn=False)
-        getattr(self, "_truncated", set()).update(i for i, r in enumerate(rows) if r.truncated)
+        truncated.update(i for i, r in enumerate(rows) if r.truncated)
         prefix = self._prefix(rows, plan)  # the shared prompt prefix's keys/values, or None
         if prefix is not None:
             rows = split_rows(rows, prefix.length)

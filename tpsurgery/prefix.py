@@ -122,9 +122,10 @@ def compute_prefix(model: Any, ids: Sequence[int]) -> Prefix | None:
 
     device = next(model.parameters()).device
     t = torch.tensor([list(ids)], device=device)
+    base = getattr(model, "base_model", model)  # the decoder without the LM head: only the keys/values are needed
     try:
         with torch.no_grad():
-            out = model(input_ids=t, attention_mask=torch.ones_like(t), position_ids=torch.arange(len(ids), device=device)[None],
+            out = base(input_ids=t, attention_mask=torch.ones_like(t), position_ids=torch.arange(len(ids), device=device)[None],
                         use_cache=True)
     except (TypeError, ValueError):
         return None
