@@ -21,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,28 +30,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
 from .errors import RecipeError
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe, parse_recipe
-
-
-def model_fingerprint(model: Any) -> str:
-    """A short hash of a model's class, shape and a strided sample of every parameter (cheap, weight-sensitive).
-
-    >>> from tpsurgery.testing import tiny_model
-    >>> a, b = tiny_model("llama", seed=0)[0], tiny_model("llama", seed=1)[0]
-    >>> model_fingerprint(a) == model_fingerprint(tiny_model("llama", seed=0)[0]), model_fingerprint(a) == model_fingerprint(b)
-    (True, False)
-    """
-    import torch
-
-    h = hashlib.sha256(type(model).__name__.encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(sample.tobytes())
-    return h.hexdigest()[:16]
 
 
 def base_recipe(recipe: Recipe) -> Recipe:
