@@ -15,8 +15,8 @@ from scipy.stats import spearmanr
 
 import tpsurgery
 from tpsurgery import data as D
-from tpsurgery.evaluation import (TASKS, classify, evaluate, evaluate_sts, evaluate_transfer, load_task,
-                                  markdown_table, read_results, write_results)
+from tpsurgery.evaluation import (TASKS, classify, data_provenance, evaluate, evaluate_sts, evaluate_transfer,
+                                  load_task, markdown_table, read_results, write_results)
 from tpsurgery.testing import tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -92,6 +92,22 @@ def test_stsb_and_sick_formats():
     assert len(sick) == 11 and sick.gold[0] == 3.3 and not any("\r" in s for s in sick.a + sick.b)
     assert sick.b[0] == "A group of kids is playing in a yard and an old man is standing in the background"
     assert len(D.load_sick(DIRS, "trial")) == 500
+
+
+def test_spread_subsets_cover_every_source_and_class():
+    dev = D.load_stsb(DIRS, "dev")
+    assert len(set(dev.subset)) == 6 and dev.subset[0] == "main-captions/MSRvid"
+    first, spread = load_task("stsb-dev", DIRS, 200), load_task("stsb-dev", DIRS, 200, spread=True)
+    assert set(first.subset) == {"main-captions/MSRvid"} and len(set(spread.subset)) == 6 and len(spread) == 200
+    i = dev.a.index(spread.a[1])
+    assert (spread.b[1], spread.gold[1], spread.a[-1]) == (dev.b[i], dev.gold[i], dev.a[-1])
+    cr = load_task("cr", DIRS, 50, spread=True).splits["all"]
+    assert len(cr) == 50 and 0 < cr.y.sum() < 50  # both classes (the file lists positives first)
+    assert len(load_task("stsb-dev", DIRS, 5000, spread=True)) == 1500
+    with pytest.raises(tpsurgery.InputError, match="spread needs a limit"):
+        load_task("stsb-dev", DIRS, spread=True)
+    with pytest.raises(D.DataError, match="positive integer"):
+        D.spread(dev, 0)
 
 
 def test_binary_tasks_label_the_first_file_one():
@@ -266,5 +282,50 @@ def test_cli_eval_sts_and_transfer(tmp_path):
     res = cli.invoke(app, ["eval", "transfer", *common, "--tasks", "trec", "--kfold", "2", "-o", str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
     assert read_results(tmp_path / "t.json")[0]["details"]["trec"]["kfold"] == 2
+    res = cli.invoke(app, ["eval", "sts", *common, "--tasks", "sickr-trial", "--limit", "20", "--spread",
+                           "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert read_results(tmp_path / "p.json")[0]["data"]["sickr-trial"] | {"files": 0} == \
+        {"files": 0, "n": 20, "limit": 20, "spread": True}
     bad = cli.invoke(app, ["eval", "sts", *common, "--tasks", "mr"])
     assert bad.exit_code != 0 and "unknown sts task 'mr'" in str(bad.exception)
+
+
+def test_hub_route_offline(tmp_path, monkeypatch):
+    """The hub route never runs in tests: its pieces do (mteb's pinned names, a real datasets.Dataset, offline errors)."""
+    pytest.importorskip("datasets")
+    from datasets import Dataset
+
+    from tpsurgery.hub import HUB_TASKS, hub_dataset, load_hub
+
+    assert all(hub_dataset(t)[0].startswith("mteb/") and len(hub_dataset(t)[1]) == 40 for t in HUB_TASKS)
+    rows = Dataset.from_dict({"sentence1": ["A  man .", "b"], "sentence2": ["c", "d"], "score": [5.0, 0.0]})
+    seen = {}
+
+    def fake_load(path, revision, split):
+        seen.update(path=path, revision=revision, split=split)
+        return rows
+
+    got = load_hub("stsb-dev", load=fake_load)
+    assert (seen["path"], seen["split"]) == ("mteb/stsbenchmark-sts", "validation") and got.a == ("A man .", "b")
+    assert data_provenance([got], None, ["stsb-dev"])["stsb-dev"]["hub"].startswith("mteb/stsbenchmark-sts@")
+    with pytest.raises(D.DataError, match="missing column"):
+        load_hub("sts12", load=lambda *a, **k: Dataset.from_dict({"text": ["x"]}))
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    with pytest.raises(D.DataError, match="could not load mteb/sts13-sts@.*offline, pass --data-dir") as err:
+        load_hub("sts13", load=offline)
+    assert isinstance(err.value.__cause__, ConnectionError)
+    # load_task: local files win; a missing STS file falls back to the hub (offline here: a clean DataError)
+    assert load_task("stsb-dev", DIRS, 3, hub=True).a == D.load_stsb(DIRS, "dev", 3).a
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(D.DataError, match="from the Hugging Face hub"):
+        load_task("sickr", [tmp_path], hub=True)
+    with pytest.raises(D.DataNotFound, match="mr has no hub copy"):
+        load_task("mr", [tmp_path], hub=True)
+    with pytest.raises(D.DataNotFound, match="not found"):
+        load_task("sickr", [tmp_path])

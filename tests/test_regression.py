@@ -1,5 +1,5 @@
 """Regression checks: the compare logic, the ``regress`` command's exit codes, and the project's own CI guard
-(SmolLM2-135M, first 200 pairs of STS-B dev, vs tests/golden/smollm2-stsb-dev200.json)."""
+(SmolLM2-135M, 200 evenly spaced pairs of STS-B dev, vs tests/golden/smollm2-stsb-dev-spread200.json)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tpsurgery.data import file_hash
 from tpsurgery.evaluation import evaluate, write_results
 from tpsurgery.regression import assert_no_regression, compare, expected_from_runs, failed
 
-GOLDEN = Path(__file__).parent / "golden" / "smollm2-stsb-dev200.json"
+GOLDEN = Path(__file__).parent / "golden" / "smollm2-stsb-dev-spread200.json"
 SENTEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "senteval"
 
 
@@ -57,15 +57,18 @@ def test_regress_command_exit_codes(tmp_path):
 
 @pytest.mark.skipif(not SENTEVAL.is_dir(), reason=f"{SENTEVAL} is not present")
 def test_smollm2_stsb_dev_subset_matches_golden(smollm2, tmp_path):
-    """The project's CI guard: both shipped SmolLM2 recipes on a fixed 200-pair subset (~70 s on 2 cores).
+    """The project's CI guard: both shipped SmolLM2 recipes on 200 evenly spaced pairs, all six genre/source
+    sub-sets (~70 s on 2 cores).
 
     Strict (a rise beyond tol also fails: the golden numbers are this implementation's own). The two recipes differ
-    by about 5 points here, so a silently dropped TP schedule or a shifted exit layer fails the check.
+    by 2.4 points here and neighbouring exit layers by >= 0.87, so a silently dropped TP schedule or a shifted exit
+    layer fails the check.
     """
     golden = json.loads(GOLDEN.read_text())
     model, tok = smollm2
-    runs = [evaluate(tpsurgery.apply(model, name, tokenizer=tok), ["stsb-dev"], [SENTEVAL], limit=200,
+    runs = [evaluate(tpsurgery.apply(model, name, tokenizer=tok), ["stsb-dev"], [SENTEVAL], limit=200, spread=True,
                      model_name="smollm2-135m") for name in golden["expected"]]
+    assert runs[0]["data"]["stsb-dev"]["spread"] is True
     assert [file_hash(Path(p)) for p in runs[0]["data"]["stsb-dev"]["files"]] == \
         list(golden["data"]["stsb-dev"]["files"].values())  # the same data file
     write_results(tmp_path / "results.json", runs)

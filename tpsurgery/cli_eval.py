@@ -22,10 +22,11 @@ MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder,
 DEVICE_OPT = typer.Option(None, "--device", help="torch device to load the model on (e.g. cuda); default cpu")
 
 
-def data_dirs(given: Optional[list[Path]]) -> list[Path]:
+def data_dirs(given: Optional[list[Path]], hub: bool = False) -> list[Path]:
     dirs = list(given or []) or [Path(p) for p in os.environ.get("TPSURGERY_DATA", "").split(os.pathsep) if p]
-    if not dirs:
-        raise InputError(None, "no data folder: pass --data-dir (SentEval layout) or set TPSURGERY_DATA")
+    if not dirs and not hub:
+        raise InputError(None, "no data folder: pass --data-dir (SentEval layout), set TPSURGERY_DATA, or use --hub "
+                               "(STS sets from the Hugging Face hub, online)")
     return dirs
 
 
@@ -61,18 +62,18 @@ def _split_tasks(text: str, kind: str) -> list[str]:
 
 def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
               batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
-              n_jobs: int = 1, device: Optional[str] = None) -> None:
+              n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False) -> None:
     from .api import apply, resolve_model
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
-    dirs = data_dirs(data)
+    dirs = data_dirs(data, hub)
     names = _split_tasks(tasks, kind)
     hf_model, tok, _ = resolve_model(model, device=device)
     runs = []
     for r in recipes:
         emb = apply(hf_model, r, tokenizer=tok)
         runs.append(evaluate(emb, names, dirs, model_name=model, limit=limit, batch_size=batch_size,
-                             progress=progress, kfold=kfold, n_jobs=n_jobs))
+                             progress=progress, kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub))
         typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in runs[-1]["scores"].items())
                    + f" ({runs[-1]['seconds']:.1f} s)", err=True)
     table = markdown_table(runs, names)
@@ -86,6 +87,10 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
 RECIPES_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped name; repeat for several rows")
 DATA_OPT = typer.Option(None, "--data-dir", "-d", help=DATA_HELP)
 LIMIT_OPT = typer.Option(None, help="use only the first N pairs (STS) / lines per split or class (transfer)")
+SPREAD_OPT = typer.Option(False, "--spread", help="with --limit N: N evenly spaced pairs / lines instead of the "
+                          "first N (every sub-set / genre / class represented)")
+HUB_OPT = typer.Option(False, "--hub", help="STS sets that no --data-dir holds come from MTEB's Hugging Face hub "
+                       "copies (pinned revisions; online; STS-B there is cased, SentEval's is tokenized)")
 OUT_OPT = typer.Option(None, "--output", "-o", help="results JSON to write")
 MD_OPT = typer.Option(None, "--markdown", help="markdown table to write")
 
@@ -98,13 +103,16 @@ def eval_sts(
     data_dir: Optional[list[Path]] = DATA_OPT,
     tasks: str = typer.Option("sts12,sts13,sts14,sts15,sts16,stsb,sickr", help="comma-separated; also stsb-dev"),
     limit: Optional[int] = LIMIT_OPT,
+    spread: bool = SPREAD_OPT,
+    hub: bool = HUB_OPT,
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     output: Optional[Path] = OUT_OPT,
     markdown: Optional[Path] = MD_OPT,
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """STS: cosine similarity, Spearman x100 (STS12-16 in the 'all' setting); unique sentences embedded once."""
-    _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, device=device)
+    _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, device=device,
+              spread=spread, hub=hub)
 
 
 @eval_app.command("transfer")
@@ -115,6 +123,7 @@ def eval_transfer(
     data_dir: Optional[list[Path]] = DATA_OPT,
     tasks: str = typer.Option("mr,cr,subj,mpqa,sst2,trec,mrpc", help="comma-separated transfer tasks"),
     limit: Optional[int] = LIMIT_OPT,
+    spread: bool = SPREAD_OPT,
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     kfold: int = typer.Option(10, help="folds of the SentEval cross-validation"),
     n_jobs: int = typer.Option(1, help="parallel logistic-regression fits (joblib)"),
@@ -124,7 +133,7 @@ def eval_transfer(
 ) -> None:
     """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
     _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs,
-              device=device)
+              device=device, spread=spread)
 
 
 def sweep(
@@ -134,6 +143,8 @@ def sweep(
     data_dir: Optional[list[Path]] = DATA_OPT,
     task: str = typer.Option("stsb-dev", help="STS task to tune on (never a test set for reported numbers)"),
     limit: Optional[int] = LIMIT_OPT,
+    spread: bool = SPREAD_OPT,
+    hub: bool = HUB_OPT,
     stops: Optional[str] = typer.Option(None, help="TP stop layers k, e.g. '2-8' or '2,4,8' (default: all)"),
     starts: str = typer.Option("1", help="TP start layers, e.g. '0,1'"),
     alphas: str = typer.Option("1.0", help="TP mixing weights, e.g. '1,0.5'"),
@@ -148,7 +159,7 @@ def sweep(
     from .sweep import run_sweep, write_outputs
 
     _split_tasks(task, "sts")
-    pairs = load_task(task, data_dirs(data_dir), limit)
+    pairs = load_task(task, data_dirs(data_dir, hub), limit, spread, hub)
     hf_model, tok, _ = resolve_model(model, device=device)
     res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
                     alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,

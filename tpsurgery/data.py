@@ -45,6 +45,10 @@ class DataError(TpsurgeryError):
     """A data file is missing or does not have the expected format (the message names the file and line)."""
 
 
+class DataNotFound(DataError):
+    """No data folder holds the file (the message lists the folders searched)."""
+
+
 def tokens(text: str) -> str:
     """SentEval tokenization as its batchers see it: whitespace-split, joined by single spaces.
 
@@ -64,6 +68,7 @@ class PairSet:
     gold: np.ndarray
     subset: tuple[str, ...]
     files: tuple[Path, ...]
+    origin: str = ""  # where the pairs came from when not from files (a hub dataset, revision and split)
 
     def __len__(self) -> int:
         return len(self.a)
@@ -107,7 +112,7 @@ def find_file(data_dirs: DataDirs, relpath: str) -> Path:
         if p.is_file():
             return p
     where = ", ".join(str(d) for d in data_dirs) or "(no --data-dir given)"
-    raise DataError(f"data file {relpath} not found under {where} (SentEval layout expected; see docs/evaluation.md)")
+    raise DataNotFound(f"data file {relpath} not found under {where} (SentEval layout expected; see docs/evaluation.md)")
 
 
 def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
@@ -161,9 +166,12 @@ def load_sts_year(data_dirs: DataDirs, task: str, limit: int | None = None) -> P
 
 
 def load_stsb(data_dirs: DataDirs, split: str = "test", limit: int | None = None) -> PairSet:
-    """STS Benchmark ``sts-{train,dev,test}.csv`` (tab-separated; score in field 5, sentences in fields 6 and 7)."""
+    """STS Benchmark ``sts-{train,dev,test}.csv`` (tab-separated; score in field 5, sentences in fields 6 and 7).
+
+    ``subset`` is genre/source, e.g. ``main-captions/MSRvid`` (fields 1 and 2).
+    """
     path = find_file(data_dirs, f"STS/STSBenchmark/sts-{split}.csv")
-    a, b, gold = [], [], []
+    a, b, gold, source = [], [], [], []
     for i, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
@@ -171,7 +179,8 @@ def load_stsb(data_dirs: DataDirs, split: str = "test", limit: int | None = None
         gold.append(_float(path, i, parts[4]))
         a.append(tokens(parts[5]))
         b.append(tokens(parts[6]))
-    return PairSet(f"stsb-{split}", *_limited(a, b, gold, [split] * len(a), limit), files=(path,))
+        source.append(f"{parts[0]}/{parts[1]}")
+    return PairSet(f"stsb-{split}", *_limited(a, b, gold, source, limit), files=(path,))
 
 
 def load_sick(data_dirs: DataDirs, split: str = "test", limit: int | None = None) -> PairSet:
@@ -258,6 +267,31 @@ def load_mrpc(data_dirs: DataDirs, limit: int | None = None) -> ClassificationSe
             b.append(tokens(parts[4]))
         splits[split] = Split(tuple(a[:limit]), np.array(labels[:limit]), tuple(b[:limit]))
     return ClassificationSet("mrpc", splits, 2, tuple(files))
+
+
+def _spread_index(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int)) if k < n else np.arange(n)
+
+
+def spread(data: PairSet | ClassificationSet, k: int) -> PairSet | ClassificationSet:
+    """``k`` evenly spaced items (per split), so every sub-set / genre / class of a file is represented.
+
+    >>> dev = load_stsb(["../shared/data/senteval"], "dev")
+    >>> small = spread(dev, 200)
+    >>> len(small), len(set(small.subset)), small.a[0] == dev.a[0]    # all 6 genre/source sub-sets of STS-B dev
+    (200, 6, True)
+    """
+    if not isinstance(k, int) or k < 1:
+        raise DataError(f"spread: the number of items must be a positive integer, got {k!r}")
+    if isinstance(data, PairSet):
+        i = _spread_index(len(data), k)
+        return PairSet(data.name, tuple(data.a[j] for j in i), tuple(data.b[j] for j in i), data.gold[i],
+                       tuple(data.subset[j] for j in i), data.files, data.origin)
+    splits = {}
+    for name, sp in data.splits.items():
+        i = _spread_index(len(sp), k)
+        splits[name] = Split(tuple(sp.a[j] for j in i), sp.y[i], None if sp.b is None else tuple(sp.b[j] for j in i))
+    return ClassificationSet(data.name, splits, data.n_classes, data.files)
 
 
 def file_hash(path: Path) -> str:

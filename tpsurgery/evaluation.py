@@ -75,14 +75,30 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None):
-    """Load a task's data by name (see :data:`TASKS`); ``limit`` keeps the first pairs / lines per split."""
+def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread: bool = False, hub: bool = False):
+    """Load a task's data by name (see :data:`TASKS`); ``limit`` keeps the first pairs / lines per split, or with
+    ``spread`` that many evenly spaced ones (every sub-set / genre represented; :func:`tpsurgery.data.spread`).
+
+    ``hub``: an STS set whose file no data folder holds comes from MTEB's Hugging Face hub copy (:mod:`tpsurgery.hub`).
+    """
     if name not in TASKS:
         raise InputError(None, f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    return TASKS[name].load(data_dirs, limit=limit)
+    if spread and limit is None:
+        raise InputError(None, "spread needs a limit: the number of evenly spaced pairs / lines to keep")
+    first = None if spread else limit
+    try:
+        data = TASKS[name].load(data_dirs, limit=first)
+    except D.DataNotFound as exc:
+        from .hub import HUB_TASKS, load_hub
+
+        if not hub:
+            raise
+        if name not in HUB_TASKS:
+            raise D.DataNotFound(f"{exc}; {name} has no hub copy (hub tasks: {', '.join(HUB_TASKS)})") from exc
+        data = load_hub(name, first)
+    return D.spread(data, limit) if spread else data
 
 
-# -- encoding -----------------------------------------------------------------------------------------------------------
 def encode_union(encoder: Any, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
                  **kwargs: Any) -> tuple[np.ndarray, dict[str, int]]:
     """Embed the unique texts with ONE ``encode`` call; returns the array and ``text -> row``."""
@@ -224,16 +240,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def data_provenance(sets: Sequence[Any], limit: int | None, names: Sequence[str] | None = None) -> dict[str, Any]:
+def data_provenance(sets: Sequence[Any], limit: int | None, names: Sequence[str] | None = None,
+                    spread: bool = False) -> dict[str, Any]:
     """Per task (``names``, default the sets' names): files read with SHA-256 prefixes, item count, ``limit``."""
     return {n: {"files": {str(p): D.file_hash(p) for p in s.files}, "n": len(s) if isinstance(s, D.PairSet)
-                     else {k: len(v) for k, v in s.splits.items()}, "limit": limit}
+                     else {k: len(v) for k, v in s.splits.items()}, "limit": limit, **({"spread": True} if spread else {}),
+                     **({"hub": s.origin} if getattr(s, "origin", "") else {})}
             for n, s in zip(names or [s.name for s in sets], sets)}
 
 
 def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], sets: Sequence[Any],
                seconds: float, limit: int | None = None, details: dict | None = None,
-               names: Sequence[str] | None = None) -> dict[str, Any]:
+               names: Sequence[str] | None = None, spread: bool = False) -> dict[str, Any]:
     """One results entry: model, recipe (name, hash, body), scores, data hashes, versions, seconds."""
     return {
         "model": model,
@@ -241,7 +259,7 @@ def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], set
         "kind": kind,
         "scores": {k: round(float(v), 4) for k, v in scores.items()},
         "details": details or {},
-        "data": data_provenance(sets, limit, names),
+        "data": data_provenance(sets, limit, names, spread),
         "versions": versions(),
         "seconds": round(seconds, 3),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -250,10 +268,14 @@ def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], set
 
 def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, model_name: str | None = None,
              limit: int | None = None, batch_size: int = 32, progress: bool = False, kfold: int = 10,
-             n_jobs: int = 1) -> dict[str, Any]:
-    """Load ``tasks`` (STS and/or transfer names), evaluate an :class:`~tpsurgery.Embedder`, return a run record."""
+             n_jobs: int = 1, spread: bool = False, hub: bool = False) -> dict[str, Any]:
+    """Load ``tasks`` (STS and/or transfer names), evaluate an :class:`~tpsurgery.Embedder`, return a run record.
+
+    ``limit``: the first N pairs / lines per split; with ``spread``, N evenly spaced ones; ``hub``: STS sets missing
+    from ``data_dirs`` come from the Hugging Face hub (see :func:`load_task`).
+    """
     t0 = time.perf_counter()
-    sets = [load_task(t, data_dirs, limit) for t in tasks]
+    sets = [load_task(t, data_dirs, limit, spread, hub) for t in tasks]
     sts = [i for i, t in enumerate(tasks) if TASKS[t].kind == "sts"]
     transfer = [i for i, t in enumerate(tasks) if TASKS[t].kind == "transfer"]
     scores: dict[str, float] = {}
@@ -269,7 +291,7 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
     kind = "sts" if not transfer else "transfer" if not sts else "mixed"
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return run_record(name, embedder.recipe, kind, {t: scores[t] for t in tasks}, sets,
-                      time.perf_counter() - t0, limit, details, names=list(tasks))
+                      time.perf_counter() - t0, limit, details, names=list(tasks), spread=spread)
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
