@@ -151,32 +151,46 @@ def _with_hidden(args, kwargs, h):
     return args, {**kwargs, "hidden_states": h}
 
 
+def swap_mask(args, kwargs, mask):
+    """Put ``mask`` where the caller passed the attention mask (GPT-2 passes it as the third positional arg)."""
+    if "attention_mask" in kwargs or len(args) < 3:
+        return args, {**kwargs, "attention_mask": mask}
+    return (*args[:2], mask, *args[3:]), kwargs
+
+
 def reference_hidden(model, ids, mask, pos, *, placeholders=None, source=-1, tp_layers=(), alpha=1.0,
-                     init_vector=None):
-    """HF ``hidden_states`` (tuple of [B, L, d]) of a plain forward with TP done by forward-pre-hooks.
+                     init_vector=None, layer_masks=None):
+    """HF ``hidden_states`` (tuple of [B, L, d]) of a plain forward with TP done by forward-pre-hooks: the one hook
+    reference of the test suite (tests/recipe_oracle.py builds whole recipes on it).
 
     ``placeholders``: [B, P] absolute columns; the source is column ``L + source`` of every row (left padding).
+    ``layer_masks``: {layer: the attention mask that layer gets instead of the model's}.
     """
     layers, embed, _, _ = decoder_parts(model)
     handles = []
     L = ids.shape[1]
     rows = torch.arange(ids.shape[0]).unsqueeze(1)
-    if placeholders is not None and placeholders.shape[1] and init_vector is not None:
+    has_ph = placeholders is not None and placeholders.shape[1] > 0
+    if has_ph and init_vector is not None:
         def init_hook(mod, args, out):
             out = out.clone()
             out[rows, placeholders] = init_vector.to(out.dtype)
             return out
         handles.append(embed.register_forward_hook(init_hook))
-    if placeholders is not None and placeholders.shape[1]:
-        for i in tp_layers:
-            def tp_hook(mod, args, kwargs):
+    layer_masks = layer_masks or {}
+    for i in sorted(set(tp_layers if has_ph else ()) | set(layer_masks)):
+        def hook(mod, args, kwargs, tp=has_ph and i in tp_layers, edited=layer_masks.get(i)):
+            if tp:
                 h = _hidden_arg(args, kwargs).clone()
                 for k in range(placeholders.shape[1]):
                     for b in range(h.shape[0]):
                         src = h[b, L + source].clone()
                         h[b, placeholders[b, k]] = alpha * src + (1 - alpha) * h[b, placeholders[b, k]]
-                return _with_hidden(args, kwargs, h)
-            handles.append(layers[i].register_forward_pre_hook(tp_hook, with_kwargs=True))
+                args, kwargs = _with_hidden(args, kwargs, h)
+            if edited is not None:
+                args, kwargs = swap_mask(args, kwargs, edited)
+            return args, kwargs
+        handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,

@@ -1,14 +1,17 @@
 """A plain-PyTorch reference for whole recipes, mask edits included (used by test_masks and test_recipes_library).
 
-One sentence at a time (no padding, no nnsight, no masking_utils): the placeholder's initial row is written by a
-forward hook on the embedding module; a forward-pre-hook on each scheduled layer overwrites the placeholder rows with
-the last row and swaps in an additive float mask built by explicit loops from the documented rule; the read is HF's
-``output_hidden_states[M]``, pooled at the last token or averaged over the last ``{text}`` slot; templates averaged.
+One sentence at a time (no padding, no nnsight, no masking_utils), through the suite's one hook reference
+(``prop_support.reference_hidden``): the placeholder's initial row is written by a forward hook on the embedding
+module; a forward-pre-hook on each scheduled layer overwrites the placeholder rows with the source row and swaps in an
+additive float mask built by explicit loops from the documented rule; the read is HF's ``output_hidden_states[M]``,
+pooled at the last token or averaged over the last ``{text}`` slot; templates averaged.
 """
 
 from __future__ import annotations
 
 import torch
+
+from prop_support import decoder_parts, reference_hidden
 
 
 def rule(ids_mask, placeholders, text_end, *, mask_placeholders, bidirectional, window):
@@ -44,73 +47,32 @@ def additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def decoder_layers(hf):
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj = hf
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-        except AttributeError:
-            continue
-    raise AssertionError(f"cannot find the layers of {type(hf).__name__}")
-
-
-def swap_mask(args, kwargs, mask):
-    """Put ``mask`` where the caller passed the attention mask (GPT-2 passes it as the third positional arg)."""
-    if "attention_mask" in kwargs or len(args) < 3:
-        return args, {**kwargs, "attention_mask": mask}
-    return (*args[:2], mask, *args[3:]), kwargs
+    return decoder_parts(hf)[0]
 
 
 def hidden_for_row(hf, row, plan, tp_layers=None):
     """HF ``hidden_states`` of one encoded row (``prompts.Encoded``) with the plan's edits done by hooks."""
-    layers = decoder_layers(hf)
     types = getattr(hf.config, "layer_types", None)
     dtype = next(hf.parameters()).dtype
     length = len(row.ids)
     ph = list(row.placeholders)
-    tp_layers = plan.tp_layers if tp_layers is None else tp_layers
-    handles = []
-    if ph and plan.init_vector is not None:
-        def init(mod, args, out):
-            out = out.clone()
-            out[0, ph] = plan.init_vector.to(out.dtype)
-            return out
-        handles.append(hf.get_input_embeddings().register_forward_hook(init))
     ones = torch.ones((1, length), dtype=torch.long)
     masks: dict[tuple, torch.Tensor] = {}  # the same rule for every layer of one kind
-    for i in range(len(layers)):
-        masked = ph and (i in plan.mask_layers or i in plan.bidirectional_layers)
-        tp = ph and i in tp_layers
-        if not (masked or tp):
+    layer_masks = {}
+    for i in (range(len(decoder_layers(hf))) if ph else ()):
+        if i not in plan.mask_layers and i not in plan.bidirectional_layers:
             continue
-        mask = None
-        if masked:
-            window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
-            key = (window, i in plan.mask_layers, plan.bidirectional if i in plan.bidirectional_layers else "none")
-            if key not in masks:
-                ok = rule(ones, torch.tensor([ph]), torch.tensor([row.text_span[1]]), mask_placeholders=key[1],
-                          bidirectional=key[2], window=window)
-                masks[key] = additive(ok, dtype)
-            mask = masks[key]
-
-        def hook(mod, args, kwargs, mask=mask, tp=tp):
-            if tp:
-                h = args[0].clone()
-                src = h[0, length + plan.source].clone()
-                for p in ph:
-                    h[0, p] = plan.alpha * src + (1 - plan.alpha) * h[0, p]
-                args = (h, *args[1:])
-            if mask is not None:
-                args, kwargs = swap_mask(args, kwargs, mask)
-            return args, kwargs
-        handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            return hf(input_ids=torch.tensor([row.ids]), output_hidden_states=True, use_cache=False).hidden_states
-    finally:
-        for h in handles:
-            h.remove()
+        window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
+        key = (window, i in plan.mask_layers, plan.bidirectional if i in plan.bidirectional_layers else "none")
+        if key not in masks:
+            ok = rule(ones, torch.tensor([ph]), torch.tensor([row.text_span[1]]), mask_placeholders=key[1],
+                      bidirectional=key[2], window=window)
+            masks[key] = additive(ok, dtype)
+        layer_masks[i] = masks[key]
+    return reference_hidden(hf, torch.tensor([row.ids]), ones, torch.arange(length)[None],
+                            placeholders=torch.tensor([ph], dtype=torch.long), source=plan.source,
+                            tp_layers=plan.tp_layers if tp_layers is None else tp_layers, alpha=plan.alpha,
+                            init_vector=plan.init_vector, layer_masks=layer_masks)
 
 
 def oracle_embed(emb, texts, tp_layers=None) -> torch.Tensor:

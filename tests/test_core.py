@@ -12,7 +12,7 @@ import tpsurgery
 from tpsurgery.prompts import encode_prompts
 from tpsurgery.testing import tiny_model
 
-from oracle import oracle_encode
+from recipe_oracle import oracle_embed
 
 def assert_rel_close(got, want, tol=1e-5):
     """Max abs difference relative to the largest magnitude of the reference, row by row (float32 rounding)."""
@@ -46,8 +46,9 @@ for r in RECIPES.values():
 def test_engine_equals_forward_hook_oracle(arch, name):
     model, tok = tiny_model(arch, bos=(arch == "llama"))
     recipe = tpsurgery.parse_recipe(RECIPES[name])
-    got = tpsurgery.apply(model, recipe, tokenizer=tok).encode(TEXTS, batch_size=3, convert_to_tensor=True)
-    want = oracle_encode(model, tok, recipe, TEXTS)
+    emb = tpsurgery.apply(model, recipe, tokenizer=tok)
+    got = emb.encode(TEXTS, batch_size=3, convert_to_tensor=True)
+    want = oracle_embed(emb, TEXTS)  # one sentence at a time, unpadded, plain forward-pre-hooks
     assert_rel_close(got, want)
 
 
@@ -57,8 +58,9 @@ def test_engine_equals_oracle_on_smollm2(smollm2):
                 {"prompt": P, "tp": {"start": 1, "stop": 4}, "exit_layer": 28, "placeholder": {"init": "zeros"}},
                 {"prompt": 'This sentence : "{text}" means in one word:"', "exit_layer": -1}):
         recipe = tpsurgery.parse_recipe(rec)
-        got = tpsurgery.apply(model, recipe, tokenizer=tok).encode(TEXTS[:4], batch_size=4, convert_to_tensor=True)
-        want = oracle_encode(model, tok, recipe, TEXTS[:4])
+        emb = tpsurgery.apply(model, recipe, tokenizer=tok)
+        got = emb.encode(TEXTS[:4], batch_size=4, convert_to_tensor=True)
+        want = oracle_embed(emb, TEXTS[:4])
         assert_rel_close(got, want)
 
 
