@@ -8,6 +8,7 @@ pooling, exit layers and per-layer reads) and input texts, and both backends mus
 from __future__ import annotations
 
 import copy
+import json
 import functools
 
 import pytest
@@ -254,3 +255,53 @@ def test_apply_dispatches_bridges_and_rejects_mismatches():
     twin = copy.deepcopy(model)
     assert tpsurgery.apply(twin, {"prompt": EOL}, tokenizer=tok, backend="transformer_lens").backend.bridge \
         .original_model is not twin
+
+
+def test_an_adapter_without_attention_component_is_named():
+    """A bridge whose block exposes no ``attn`` cannot take a mask edit: a BackendError naming field and layer."""
+    model, tok, _ = tiny("llama")
+    bridge = boot_bridge(model, tok)  # a private bridge: this test takes a component away
+    del bridge.blocks[0].attn
+    emb = tpsurgery.apply(bridge, {"prompt": "x <PST> {text} y", "placeholder": {"mask": "first_layer"},
+                                   "exit_layer": 2}, tokenizer=tok)
+    with pytest.raises(BackendError, match=r"placeholder.mask.*blocks.0.attn.*nnsight") as err:
+        emb.encode(["a b"])
+    assert err.value.layer == 0
+
+
+def test_cli_backend_option(tmp_path, monkeypatch):
+    """``--backend transformer_lens`` on eval and sweep: the same scores as nnsight; an unknown name lists the two."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from tpsurgery.cli import app
+
+    samples = Path(__file__).resolve().parents[2] / "shared" / "data" / "format-samples"
+    if not samples.is_dir():
+        pytest.skip(f"{samples} is not present")
+    monkeypatch.setenv("TPSURGERY_CACHE", str(tmp_path / "cache"))  # the sweep stores its result for 'auto'
+    model, tok = tiny_model("llama", n_layers=3, seed=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.yaml").write_text("prompt: 'This : <PST> \"{text}\" means'\ntp: {start: 1, stop: 2}\nexit_layer: 2\n")
+    common = ["-r", str(tmp_path / "r.yaml"), "-m", str(tmp_path / "m"), "-d", str(samples), "--no-progress"]
+    cli = CliRunner()
+    scores = {}
+    for backend in ("nnsight", "transformer_lens"):
+        out = tmp_path / backend
+        res = cli.invoke(app, ["eval", "sts", *common, "--tasks", "sts13", "--backend", backend, "-o", f"{out}.json"])
+        assert res.exit_code == 0, res.output
+        res = cli.invoke(app, ["sweep", *common, "--task", "stsb", "--stops", "2,3", "--backend", backend,
+                               "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        runs = json.loads(Path(f"{out}.json").read_text())["runs"]
+        sweep = json.loads((out / "sweep.json").read_text())
+        assert runs[0]["backend"] == sweep["backend"] == backend
+        assert sweep["layer_forwards_per_batch"] < sweep["layer_forwards_per_batch_unshared"] or backend != "nnsight"
+        scores[backend] = (runs[0]["scores"]["sts13"], [r["scores"] for r in sweep["rows"]])
+    assert scores["transformer_lens"][0] == pytest.approx(scores["nnsight"][0], abs=1e-2)
+    for a, b in zip(*(scores[k][1] for k in scores)):
+        assert a == pytest.approx(b, abs=1e-2, nan_ok=True)
+    bad = cli.invoke(app, ["eval", "sts", *common, "--tasks", "sts13", "--backend", "jax"])
+    assert bad.exit_code != 0 and "choose from nnsight, transformer_lens" in str(bad.exception)

@@ -26,13 +26,12 @@ recipes_app = typer.Typer(help="The shipped recipe library.", no_args_is_help=Tr
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(recipes_app, name="recipes")
 
-from .cli_eval import eval_app, regress, sweep  # noqa: E402  (evaluation commands live in cli_eval.py)
+from .cli_eval import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, eval_app, regress, sweep  # noqa: E402  (evaluation commands)
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
 app.command()(regress)
 
-MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder, .gguf file, or smollm2-135m")
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped recipe name")
 
 
@@ -91,6 +90,8 @@ def embed(
     output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [n, d])"),
     recipe: str = RECIPE_OPT,
     model: str = MODEL_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     normalize: bool = typer.Option(False, help="L2-normalize the embeddings"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -100,16 +101,16 @@ def embed(
 
     import numpy as np
 
-    from .api import apply
-
+    from .api import apply, resolve_model
     from .errors import InputError
 
     try:
         texts = input.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(None, f"cannot read --input {input} as UTF-8 text: {exc}") from None
-    emb = apply(model, recipe).encode(texts, batch_size=batch_size, normalize_embeddings=normalize,
-                                      show_progress_bar=progress)
+    hf_model, tok, _ = resolve_model(model, device=device)
+    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend).encode(
+        texts, batch_size=batch_size, normalize_embeddings=normalize, show_progress_bar=progress)
     buf = io.BytesIO()
     np.save(buf, emb)
     atomic_write_bytes(output, buf.getvalue())
@@ -121,11 +122,12 @@ def explain(
     text: str = typer.Argument(..., help="a sentence"),
     recipe: str = RECIPE_OPT,
     model: str = MODEL_OPT,
+    backend: str = BACKEND_OPT,
 ) -> None:
     """Show the tokens, placeholder positions, layer schedule and exit layer a recipe gives a sentence."""
     from .api import apply
 
-    typer.echo(apply(model, recipe).explain(text))
+    typer.echo(apply(model, recipe, backend=backend).explain(text))
 
 
 @app.command()

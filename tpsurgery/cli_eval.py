@@ -20,6 +20,9 @@ DATA_HELP = ("SentEval-layout data folder; repeat to search several (first match
              "Default: $TPSURGERY_DATA (os.pathsep-separated)")
 MODEL_OPT = typer.Option("smollm2-135m", "--model", "-m", help="HF id or folder, .gguf file, or smollm2-135m")
 DEVICE_OPT = typer.Option(None, "--device", help="torch device to load the model on (e.g. cuda); default cpu")
+BACKEND_OPT = typer.Option("nnsight", "--backend", help="engine: nnsight, or transformer_lens (a TransformerBridge "
+                           "around a copy of the model; no prompt-prefix reuse, sweep rows not "
+                           "shared)")
 
 
 def data_dirs(given: Optional[list[Path]], hub: bool = False) -> list[Path]:
@@ -62,7 +65,8 @@ def _split_tasks(text: str, kind: str) -> list[str]:
 
 def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
               batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
-              n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False) -> None:
+              n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False,
+              backend: str = "nnsight") -> None:
     from .api import apply, resolve_model
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
@@ -71,7 +75,7 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
     hf_model, tok, _ = resolve_model(model, device=device)
     runs = []
     for r in recipes:
-        emb = apply(hf_model, r, tokenizer=tok)
+        emb = apply(hf_model, r, tokenizer=tok, backend=backend)
         runs.append(evaluate(emb, names, dirs, model_name=model, limit=limit, batch_size=batch_size,
                              progress=progress, kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub))
         typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in runs[-1]["scores"].items())
@@ -100,6 +104,7 @@ def eval_sts(
     recipe: list[str] = RECIPES_OPT,
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
     data_dir: Optional[list[Path]] = DATA_OPT,
     tasks: str = typer.Option("sts12,sts13,sts14,sts15,sts16,stsb,sickr", help="comma-separated; also stsb-dev"),
     limit: Optional[int] = LIMIT_OPT,
@@ -112,7 +117,7 @@ def eval_sts(
 ) -> None:
     """STS: cosine similarity, Spearman x100 (STS12-16 in the 'all' setting); unique sentences embedded once."""
     _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, device=device,
-              spread=spread, hub=hub)
+              spread=spread, hub=hub, backend=backend)
 
 
 @eval_app.command("transfer")
@@ -120,6 +125,7 @@ def eval_transfer(
     recipe: list[str] = RECIPES_OPT,
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
     data_dir: Optional[list[Path]] = DATA_OPT,
     tasks: str = typer.Option("mr,cr,subj,mpqa,sst2,trec,mrpc", help="comma-separated transfer tasks"),
     limit: Optional[int] = LIMIT_OPT,
@@ -133,13 +139,14 @@ def eval_transfer(
 ) -> None:
     """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
     _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs,
-              device=device, spread=spread)
+              device=device, spread=spread, backend=backend)
 
 
 def sweep(
     recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose prompt/placeholder/pooling are swept"),
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
     data_dir: Optional[list[Path]] = DATA_OPT,
     task: str = typer.Option("stsb-dev", help="STS task to tune on (never a test set for reported numbers)"),
     limit: Optional[int] = LIMIT_OPT,
@@ -163,7 +170,7 @@ def sweep(
     hf_model, tok, _ = resolve_model(model, device=device)
     res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
                     alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,
-                    model_name=model)
+                    model_name=model, backend=backend)
     paths = write_outputs(res, out_dir)
     r, m, score = res.best()
     typer.echo(f"best: {res.rows[r]['label']}, exit hidden_states[{m}] -> {score:.2f} on {res.task} "

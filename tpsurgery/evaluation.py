@@ -251,10 +251,12 @@ def data_provenance(sets: Sequence[Any], limit: int | None, names: Sequence[str]
 
 def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], sets: Sequence[Any],
                seconds: float, limit: int | None = None, details: dict | None = None,
-               names: Sequence[str] | None = None, spread: bool = False) -> dict[str, Any]:
-    """One results entry: model, recipe (name, hash, body), scores, data hashes, versions, seconds."""
+               names: Sequence[str] | None = None, spread: bool = False,
+               backend: str | None = None) -> dict[str, Any]:
+    """One results entry: model, backend, recipe (name, hash, body), scores, data hashes, versions, seconds."""
     return {
         "model": model,
+        **({"backend": backend} if backend else {}),
         "recipe": {"name": recipe.name, "hash": recipe.hash(), "body": recipe.to_dict()},
         "kind": kind,
         "scores": {k: round(float(v), 4) for k, v in scores.items()},
@@ -291,7 +293,8 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
     kind = "sts" if not transfer else "transfer" if not sts else "mixed"
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return run_record(name, embedder.recipe, kind, {t: scores[t] for t in tasks}, sets,
-                      time.perf_counter() - t0, limit, details, names=list(tasks), spread=spread)
+                      time.perf_counter() - t0, limit, details, names=list(tasks), spread=spread,
+                      backend=getattr(embedder.backend, "name", None))
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -144,13 +144,14 @@ def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, star
 def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | None = None, starts: Sequence[int] = (1,),
               alphas: Sequence[float] = (1.0,), baseline: bool = True, tokenizer: Any = None, batch_size: int = 32,
               progress: bool = False, model_name: str | None = None, share_layers: bool = True,
-              memory_gb: float = 1.0) -> SweepResult:
+              memory_gb: float = 1.0, backend: str | None = None) -> SweepResult:
     """Score every TP row x exit layer on ``pairs`` (a :class:`~tpsurgery.data.PairSet`, normally STS-B dev).
 
     Each row reads every exit layer from one pass, and rows run the first layers they agree on once
     (``share_layers``; :meth:`~tpsurgery.embedder.Embedder.encode_schedules`): TP [1, k) for k = 2..30 costs 436
     decoder-layer forwards per batch instead of 870. Pairs are processed in chunks whose pooled reads fit in
     ``memory_gb``; only the pair cosines are kept. The recipe's own TP schedule and exit layer are ignored.
+    ``backend``: as in :func:`tpsurgery.apply` (rows share layers on nnsight only).
     """
     from .api import apply, as_recipe
     from .evaluation import cosine, spearman100
@@ -158,7 +159,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
 
     recipe = as_recipe(recipe)
     t0 = time.perf_counter()
-    embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer)
+    embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer, backend=backend)
     hidden = embedder.model.get_input_embeddings().weight.shape[1]
     rows, plans = [], []
     for label, tp in grid(recipe, embedder.n_layers, stops, starts, alphas, baseline):
@@ -197,7 +198,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         scores = spearman100(cos[:, list(row_slots)], pairs.gold)
         row["scores"] = [None if np.isnan(x) else round(float(x), 4) for x in scores]
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
-    work = {"layer_forwards_per_batch": layer_runs(plans, resume),
+    work = {"backend": embedder.backend.name, "layer_forwards_per_batch": layer_runs(plans, resume),
             "layer_forwards_per_batch_unshared": layer_runs(plans, resume=False)}
     return SweepResult(name, model_fingerprint(embedder.model), recipe, pairs.name, len(pairs), embedder.n_layers,
                        rows, time.perf_counter() - t0, extra=work)

@@ -170,7 +170,7 @@ class TransformerLensBackend:
         attn = getattr(self.bridge.blocks[layer], "attn", None)
         if attn is None:
             raise BackendError(f"recipe field `{field}`: the TransformerLens adapter of {self.architecture} exposes "
-                               "no attention component (blocks.{i}.attn) to take an edited mask; use the nnsight "
+                               f"no attention component (blocks.{layer}.attn) to take an edited mask; use the nnsight "
                                "backend", layer)
         return attn
 
