@@ -328,6 +328,17 @@ def test_unknown_architecture_lists_the_families_and_registering_one_makes_it_wo
         del ARCHITECTURES["tpsurgery_test_blocks"]
 
 
+@pytest.mark.parametrize("prompt", ["x <PST> {text}", "x {text}"])
+def test_a_slow_tokenizer_is_refused_at_apply_with_a_hint(prompt):
+    """Placeholders sit on token boundaries from offset mappings, which only fast tokenizers give (was: a KeyError
+    from inside the marker check, or a late error at encode)."""
+    from transformers import ByT5Tokenizer  # a Python-backend tokenizer that needs no files
+
+    model, _ = tiny_model("llama")
+    with pytest.raises(tpsurgery.ModelError, match=r"fast .*ByT5Tokenizer.*use_fast=True"):
+        tpsurgery.apply(model, {"prompt": prompt, "exit_layer": 1}, tokenizer=ByT5Tokenizer())
+
+
 def test_models_without_a_pad_token_use_eos_and_change_nothing():
     model, tok = tiny_model("llama")
     want = tpsurgery.apply(model, REC, tokenizer=tok).encode(TEXTS, batch_size=4)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .arch import ArchSpec, arch_for, get_path
-from .errors import InputError, RecipeError, TpsurgeryError
+from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .plan import Batch, Plan, collate, compile_plan
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
@@ -89,6 +89,10 @@ class Embedder:
         self.n_layers = len(get_path(model, self.spec.layers))
         hidden = get_path(model, self.spec.embed).weight.shape[1]
         vocab = get_path(model, self.spec.embed).weight.shape[0]
+        if not getattr(tokenizer, "is_fast", False):  # placeholders sit on token boundaries from offset mappings
+            raise ModelError(f"tpsurgery needs a fast (Rust-backed) tokenizer with offset mappings; got "
+                             f"{type(tokenizer).__name__}. Load one with AutoTokenizer.from_pretrained(..., "
+                             "use_fast=True) or pass tokenizer=")
         self.placeholder_id = _placeholder_id(recipe, tokenizer, vocab)
         if recipe.compat == "exact":  # a marker inside a word has no token boundary to sit on
             for k, template in enumerate(recipe.templates):
