@@ -207,6 +207,11 @@ def test_classify_protocols_on_separable_and_random_features():
     assert classify(split, {"train": sep, "dev": sep, "test": sep})["acc"] == 100.0
     inv = D.ClassificationSet("i", {k: D.Split(("x",) * 60, y if k == "train" else 1 - y) for k in ("train", "test")}, 2)
     assert classify(inv, {"train": sep, "test": sep}, kfold=3)["acc"] == 0.0  # trained on train, scored on test
+    # the signal at a scale of 1e-4 (hidden states differ that much across layers/models): C in 2^-2..2^3 cannot use
+    # it on raw features (SentEval's classifier, standardize=False); after standardization it separates perfectly
+    tiny_scale = np.c_[1e-4 * (y + 0.05 * rng.standard_normal(60)), rng.standard_normal((60, 3))]
+    assert classify(task, {"all": tiny_scale}, kfold=3)["acc"] == 100.0
+    assert classify(task, {"all": tiny_scale}, kfold=3, standardize=False)["acc"] < 80.0
 
 
 def test_transfer_tasks_end_to_end(tiny, tmp_path):
@@ -281,7 +286,11 @@ def test_cli_eval_sts_and_transfer(tmp_path):
     assert (tmp_path / "s.md").read_text().startswith("| Method | STS13 | SICK-R | Avg. |\n|---|---|---|---|\n| tiny-eol |")
     res = cli.invoke(app, ["eval", "transfer", *common, "--tasks", "trec", "--kfold", "2", "-o", str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
-    assert read_results(tmp_path / "t.json")[0]["details"]["trec"]["kfold"] == 2
+    assert read_results(tmp_path / "t.json")[0]["details"]["trec"] | {"dev_acc": 0} == \
+        {"kfold": 2, "standardize": True, "dev_acc": 0}
+    res = cli.invoke(app, ["eval", "transfer", *common, "--tasks", "trec", "--kfold", "2", "--no-standardize",
+                           "-o", str(tmp_path / "t2.json")])
+    assert res.exit_code == 0 and read_results(tmp_path / "t2.json")[0]["details"]["trec"]["standardize"] is False
     res = cli.invoke(app, ["eval", "sts", *common, "--tasks", "sickr-trial", "--limit", "20", "--spread",
                            "-o", str(tmp_path / "p.json")])
     assert res.exit_code == 0, res.output

@@ -66,7 +66,7 @@ def _split_tasks(text: str, kind: str) -> list[str]:
 def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
               batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
               n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False,
-              backend: str = "nnsight") -> None:
+              backend: str = "nnsight", standardize: bool = True) -> None:
     from .api import apply, resolve_model
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
@@ -77,7 +77,8 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
     for r in recipes:
         emb = apply(hf_model, r, tokenizer=tok, backend=backend)
         runs.append(evaluate(emb, names, dirs, model_name=model, limit=limit, batch_size=batch_size,
-                             progress=progress, kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub))
+                             progress=progress, kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub,
+                             standardize=standardize))
         typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in runs[-1]["scores"].items())
                    + f" ({runs[-1]['seconds']:.1f} s)", err=True)
     table = markdown_table(runs, names)
@@ -133,13 +134,15 @@ def eval_transfer(
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     kfold: int = typer.Option(10, help="folds of the SentEval cross-validation"),
     n_jobs: int = typer.Option(1, help="parallel logistic-regression fits (joblib)"),
+    standardize: bool = typer.Option(True, help="standardize features before the logistic regression (default; "
+                                     "--no-standardize: SentEval's scikit-learn classifier on raw features)"),
     output: Optional[Path] = OUT_OPT,
     markdown: Optional[Path] = MD_OPT,
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
     _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs,
-              device=device, spread=spread, backend=backend)
+              device=device, spread=spread, backend=backend, standardize=standardize)
 
 
 def sweep(

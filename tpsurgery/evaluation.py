@@ -154,32 +154,37 @@ def evaluate_sts(encoder: Any, sets: Sequence[D.PairSet], batch_size: int = 32, 
 
 
 # -- transfer -----------------------------------------------------------------------------------------------------------
-def _classifier(c: float):
+def _classifier(c: float, standardize: bool = True):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=SEED))
+    lr = LogisticRegression(C=c, max_iter=2000, random_state=SEED)
+    return make_pipeline(StandardScaler(), lr) if standardize else lr
 
 
-def _fit_score(c, xtr, ytr, xte, yte) -> float:
-    return float(_classifier(c).fit(xtr, ytr).score(xte, yte))
+def _fit_score(c, xtr, ytr, xte, yte, standardize: bool = True) -> float:
+    return float(_classifier(c, standardize).fit(xtr, ytr).score(xte, yte))
 
 
-def _cv_best(x, y, regs, kfold, n_jobs) -> tuple[float, float]:
+def _cv_best(x, y, regs, kfold, n_jobs, standardize: bool = True) -> tuple[float, float]:
     """``(best C, its mean k-fold accuracy)`` on ``x, y`` (StratifiedKFold, SentEval's seed)."""
     from joblib import Parallel, delayed
     from sklearn.model_selection import StratifiedKFold
 
     folds = list(StratifiedKFold(n_splits=kfold, shuffle=True, random_state=SEED).split(x, y))
-    accs = Parallel(n_jobs=n_jobs)(delayed(_fit_score)(c, x[tr], y[tr], x[te], y[te]) for c in regs for tr, te in folds)
+    accs = Parallel(n_jobs=n_jobs)(delayed(_fit_score)(c, x[tr], y[tr], x[te], y[te], standardize)
+                                   for c in regs for tr, te in folds)
     means = np.array(accs).reshape(len(regs), len(folds)).mean(1)
     return regs[int(np.argmax(means))], float(means.max())
 
 
 def classify(task: D.ClassificationSet, features: dict[str, np.ndarray], kfold: int = 10,
-             n_jobs: int = 1) -> dict[str, float]:
+             n_jobs: int = 1, standardize: bool = True) -> dict[str, float]:
     """SentEval protocol on precomputed features: ``{"acc": test accuracy x100, "dev": selection accuracy x100}``.
+
+    ``standardize`` (default): a StandardScaler fitted on each training part goes before the logistic regression (a
+    deliberate deviation, docs/evaluation.md); ``False`` is SentEval's scikit-learn classifier on raw features.
 
     * only ``all`` (MR, CR, SUBJ, MPQA): k-fold CV; in each outer fold C in 2^-2..2^3 is chosen by inner k-fold CV.
     * ``train``/``dev``/``test`` (SST2): C in 2^-2..2^3 chosen on dev, trained on train, scored on test.
@@ -193,22 +198,24 @@ def classify(task: D.ClassificationSet, features: dict[str, np.ndarray], kfold: 
         devs, tests = [], []
         regs = [2.0 ** t for t in range(-2, 4)]
         for tr, te in StratifiedKFold(n_splits=kfold, shuffle=True, random_state=SEED).split(x, yy):
-            c, dev = _cv_best(x[tr], yy[tr], regs, kfold, n_jobs)
+            c, dev = _cv_best(x[tr], yy[tr], regs, kfold, n_jobs, standardize)
             devs.append(dev)
-            tests.append(_fit_score(c, x[tr], yy[tr], x[te], yy[te]))
+            tests.append(_fit_score(c, x[tr], yy[tr], x[te], yy[te], standardize))
         return {"acc": 100 * float(np.mean(tests)), "dev": 100 * float(np.mean(devs))}
     if "dev" in features:
         regs = [2.0 ** t for t in range(-2, 4)]
-        devs = [_fit_score(c, features["train"], y["train"], features["dev"], y["dev"]) for c in regs]
+        devs = [_fit_score(c, features["train"], y["train"], features["dev"], y["dev"], standardize) for c in regs]
         c = regs[int(np.argmax(devs))]
-        return {"acc": 100 * _fit_score(c, features["train"], y["train"], features["test"], y["test"]),
+        return {"acc": 100 * _fit_score(c, features["train"], y["train"], features["test"], y["test"], standardize),
                 "dev": 100 * max(devs)}
-    c, dev = _cv_best(features["train"], y["train"], [2.0 ** t for t in range(-1, 6)], kfold, n_jobs)
-    return {"acc": 100 * _fit_score(c, features["train"], y["train"], features["test"], y["test"]), "dev": 100 * dev}
+    c, dev = _cv_best(features["train"], y["train"], [2.0 ** t for t in range(-1, 6)], kfold, n_jobs, standardize)
+    return {"acc": 100 * _fit_score(c, features["train"], y["train"], features["test"], y["test"], standardize),
+            "dev": 100 * dev}
 
 
 def evaluate_transfer(encoder: Any, sets: Sequence[D.ClassificationSet], batch_size: int = 32,
-                      progress: bool = False, kfold: int = 10, n_jobs: int = 1) -> dict[str, dict[str, float]]:
+                      progress: bool = False, kfold: int = 10, n_jobs: int = 1,
+                      standardize: bool = True) -> dict[str, dict[str, float]]:
     """Accuracy x100 per task; each task's unique sentences are embedded in one encode call.
 
     Pair tasks (MRPC) use SentEval's features ``[|u - v|, u * v]``.
@@ -224,7 +231,7 @@ def evaluate_transfer(encoder: Any, sets: Sequence[D.ClassificationSet], batch_s
                 v = emb[[row[t] for t in s.b]]
                 u = np.concatenate([np.abs(u - v), u * v], axis=1)
             feats[k] = u
-        out[task.name] = classify(task, feats, kfold=kfold, n_jobs=n_jobs)
+        out[task.name] = classify(task, feats, kfold=kfold, n_jobs=n_jobs, standardize=standardize)
     return out
 
 
@@ -270,7 +277,7 @@ def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], set
 
 def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, model_name: str | None = None,
              limit: int | None = None, batch_size: int = 32, progress: bool = False, kfold: int = 10,
-             n_jobs: int = 1, spread: bool = False, hub: bool = False) -> dict[str, Any]:
+             n_jobs: int = 1, spread: bool = False, hub: bool = False, standardize: bool = True) -> dict[str, Any]:
     """Load ``tasks`` (STS and/or transfer names), evaluate an :class:`~tpsurgery.Embedder`, return a run record.
 
     ``limit``: the first N pairs / lines per split; with ``spread``, N evenly spaced ones; ``hub``: STS sets missing
@@ -286,10 +293,12 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
         got = evaluate_sts(embedder, [sets[i] for i in sts], batch_size, progress)
         scores.update({tasks[i]: got[sets[i].name] for i in sts})
     if transfer:
-        got_t = evaluate_transfer(embedder, [sets[i] for i in transfer], batch_size, progress, kfold, n_jobs)
+        got_t = evaluate_transfer(embedder, [sets[i] for i in transfer], batch_size, progress, kfold, n_jobs,
+                                  standardize)
         for i in transfer:
             res = got_t[sets[i].name]
-            scores[tasks[i]], details[tasks[i]] = res["acc"], {"dev_acc": res["dev"], "kfold": kfold}
+            scores[tasks[i]], details[tasks[i]] = res["acc"], {"dev_acc": res["dev"], "kfold": kfold,
+                                                                "standardize": standardize}
     kind = "sts" if not transfer else "transfer" if not sts else "mixed"
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return run_record(name, embedder.recipe, kind, {t: scores[t] for t in tasks}, sets,
