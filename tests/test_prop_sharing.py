@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -18,7 +17,8 @@ import tpsurgery
 from prop_support import model_for
 from strategies import archs, batch_sizes, engine_recipes, scaled, sentence_lists
 from tpsurgery.data import load_stsb
-from tpsurgery.plan import compile_plan, layer_runs, share
+from tpsurgery.plan import compile_plan
+from tpsurgery.sharing import layer_runs, share
 from tpsurgery.sweep import run_sweep
 from tpsurgery.testing import tiny_model
 

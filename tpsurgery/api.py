@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cache import as_cache
 from .embedder import Embedder
 from .errors import ModelError
 from .models import DEFAULT_MODEL, load_model

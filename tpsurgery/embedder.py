@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from .arch import ArchSpec, arch_for, get_path
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
-from .plan import Batch, Plan, collate, compile_plan
+from .plan import Plan, collate, compile_plan
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
@@ -190,12 +189,13 @@ class Embedder:
         return out.numpy()
 
     def encode_schedules(self, sentences: Sequence[str], plans: Sequence[Plan], batch_size: int = 32,
-                         share_layers: bool = True, show_progress_bar: bool | None = None) -> "LayerReads":
+                         share_layers: bool = True, show_progress_bar: bool | None = None) -> Any:
         """Every ``hidden_states[M]`` (M = 0..exit) of several plans, first layers they agree on computed once.
 
         For sweeps: TP [1, k) for k = 2..L agree on layers < k-1, so each row runs only the layers after its
-        predecessor's last shared one (:func:`tpsurgery.plan.share`; ``share_layers=False`` or a backend without
-        ``run_part``: each plan on its own). ``result[r, M]`` is ``[n, d]``, equal to
+        predecessor's last shared one (:mod:`tpsurgery.sharing`; ``share_layers=False`` or a backend without
+        ``run_part``: each plan on its own). Returns a :class:`~tpsurgery.sharing.LayerReads`: ``result[r, M]`` is
+        ``[n, d]``, equal to
         ``encode(..., all_layers=True, plan=plans[r])[:, M]``.
 
         >>> import tpsurgery
@@ -208,7 +208,7 @@ class Embedder:
         >>> reads[1, 3].shape, reads.slots    # hidden_states[0..2] of TP [1,3) are TP [1,2)'s
         (torch.Size([2, 32]), ((0, 1, 2, 3), (0, 1, 2, 4)))
         """
-        from .plan import share_groups
+        from .sharing import LayerReads, run_shared, share_groups
 
         texts = self._check_texts(sentences)
         unique = list(dict.fromkeys(texts))
@@ -223,35 +223,14 @@ class Embedder:
         def one_template(template: str, cut: set) -> torch.Tensor:  # every group's slots, side by side
             return torch.cat([self._encode_rows(unique, template, batch_size, show_progress_bar, plans[members[0]],
                                                 (sharing.n_slots, d), functools.partial(
-                                                    self._run_shared, [plans[r] for r in members], sharing), cut)
+                                                    run_shared, self.backend, [plans[r] for r in members], sharing,
+                                                    d), cut)
                               for members, sharing in groups], 1)
 
         values = torch.stack(self._per_template(unique, texts, one_template)).mean(0) if unique else \
             torch.zeros(0, n, d)
         where = {t: i for i, t in enumerate(unique)}
         return LayerReads(values[torch.tensor([where[t] for t in texts], dtype=torch.long)], tuple(slots))
-
-    def _run_shared(self, plans: Sequence[Plan], sharing: Any, batch: Batch, kw: dict) -> torch.Tensor:
-        """One batch through every plan of a :class:`~tpsurgery.plan.Sharing`: ``[B, n_slots, d]``."""
-        d = get_path(self.model, self.spec.embed).weight.shape[1]
-        out = torch.empty((batch.size, sharing.n_slots, d), dtype=torch.float32)
-        last_use = {(q, sharing.start[r]): r for r, q in enumerate(sharing.origin) if q is not None}
-        kept: dict[tuple[int, int], torch.Tensor] = {}
-        for r, plan in enumerate(plans):
-            own = sharing.own(r)
-            if not len(own):
-                continue  # every read of this plan is shared with earlier ones
-            q, j = sharing.origin[r], sharing.start[r]
-            if q is None and not sharing.keep[r]:
-                reads = self.backend.run(plan, batch, all_layers=True, **kw)
-            else:
-                reads, new = self.backend.run_part(plan, batch, start=j if q is not None else 0,
-                                                   hidden=kept.get((q, j)), keep=sharing.keep[r], **kw)
-                kept.update({(r, layer): h for layer, h in new.items()})
-            out[:, [sharing.slots[r][m] for m in own]] = reads.float().cpu()
-            for key in [k for k, last in last_use.items() if last == r]:
-                kept.pop(key, None)  # no later plan resumes from it
-        return out
 
     def _cached(self, unique: list[str], plan: Plan, all_layers: bool) -> tuple[dict, str | None]:
         """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""
@@ -385,15 +364,3 @@ class Embedder:
         lines.append(f"pooling: {self.plan.pooling}")
         return "\n".join(lines)
 
-
-@dataclass(frozen=True)
-class LayerReads:
-    """Pooled ``hidden_states`` of several plans (:meth:`Embedder.encode_schedules`): ``reads[r, M]`` is ``[n, d]``;
-    plans that share a layer share its slot in ``values`` (``[n, slots, d]``), so equal reads are stored once."""
-
-    values: torch.Tensor
-    slots: tuple[tuple[int, ...], ...]
-
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
-        r, m = key
-        return self.values[:, self.slots[r][m]]

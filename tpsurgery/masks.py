@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, RecipeError
 from .plan import Batch, Plan
 
 MaskFn = Callable[[Any, Any, Any, Any], Any]
@@ -61,7 +61,7 @@ def edit_functions(batch: Batch, *, mask_placeholders: bool = False, bidirection
         def or_fn(b, h, q, kv):
             return (q >= first[b]) & (q < end[b]) & (kv >= first[b]) & (kv < end[b])
     elif bidirectional != "none":
-        raise ValueError(f"unknown bidirectional mode {bidirectional!r}")
+        raise RecipeError("attention.bidirectional", f"unknown mode {bidirectional!r}; allowed: none, last_token, sentence")
     if mask_placeholders:
         def and_fn(b, h, q, kv):
             return ~is_ph[b, kv] | (q == kv)

@@ -155,7 +155,8 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     """
     from .api import apply, as_recipe
     from .evaluation import cosine, spearman100
-    from .plan import compile_plan, layer_runs, share_groups
+    from .plan import compile_plan
+    from .sharing import layer_runs, share_groups
 
     recipe = as_recipe(recipe)
     t0 = time.perf_counter()

@@ -64,7 +64,7 @@ class NNsightBackend:
 
     def run_part(self, plan: Plan, batch: Batch, start: int = 0, hidden: torch.Tensor | None = None,
                  keep: tuple[int, ...] = (), prefix: Any = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One part of a shared sweep (:func:`tpsurgery.plan.share`): ``[B, n, d]`` pooled reads of
+        """One part of a shared sweep (:func:`tpsurgery.sharing.share`): ``[B, n, d]`` pooled reads of
         ``hidden_states[start + 1 .. M]`` (``[0 .. M]`` when ``start`` is 0), and ``{j: hidden_states[j]}`` for the
         layers in ``keep`` (whole sequences, before this plan's edits of layer ``j``).
 
