@@ -106,6 +106,8 @@ def test_sweep_scores_do_not_depend_on_sharing_or_chunking():
     for a, b in zip(shared.rows, alone.rows):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-3, nan_ok=True)
     assert shared.extra["layer_forwards_per_batch"] < alone.extra["layer_forwards_per_batch"]
+    with pytest.raises(tpsurgery.InputError, match="memory_gb must be a positive"):
+        run_sweep(model, prompt, pairs, memory_gb=0, **kw)
 
 
 def test_encode_schedules_names_the_callers_input_and_warns_once():

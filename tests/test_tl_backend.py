@@ -293,7 +293,7 @@ def test_cli_backend_option(tmp_path, monkeypatch):
         res = cli.invoke(app, ["eval", "sts", *common, "--tasks", "sts13", "--backend", backend, "-o", f"{out}.json"])
         assert res.exit_code == 0, res.output
         res = cli.invoke(app, ["sweep", *common, "--task", "stsb", "--stops", "2,3", "--backend", backend,
-                               "-o", str(out)])
+                               "--memory-gb", "1e-6", "-o", str(out)])
         assert res.exit_code == 0, res.output
         runs = json.loads(Path(f"{out}.json").read_text())["runs"]
         sweep = json.loads((out / "sweep.json").read_text())

@@ -160,6 +160,8 @@ def sweep(
     alphas: str = typer.Option("1.0", help="TP mixing weights, e.g. '1,0.5'"),
     baseline: bool = typer.Option(True, help="also sweep the exit layer with no TP (one more pass)"),
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    memory_gb: float = typer.Option(1.0, help="memory for the pooled reads of one chunk of pairs (pair cosines are "
+                                    "all that is kept between chunks)"),
     out_dir: Path = typer.Option(Path("sweep-out"), "--out-dir", "-o", help="folder for sweep.json, heatmap.png, best.yaml"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
@@ -173,7 +175,7 @@ def sweep(
     hf_model, tok, _ = resolve_model(model, device=device)
     res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
                     alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,
-                    model_name=model, backend=backend)
+                    model_name=model, backend=backend, memory_gb=memory_gb)
     paths = write_outputs(res, out_dir)
     r, m, score = res.best()
     typer.echo(f"best: {res.rows[r]['label']}, exit hidden_states[{m}] -> {score:.2f} on {res.task} "

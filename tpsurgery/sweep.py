@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
-from .errors import RecipeError
+from .errors import InputError, RecipeError
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe, parse_recipe
 
 
@@ -158,6 +158,8 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     from .plan import compile_plan
     from .sharing import layer_runs, share_groups
 
+    if not memory_gb > 0:
+        raise InputError(None, f"memory_gb must be a positive number of GiB, got {memory_gb!r}")
     recipe = as_recipe(recipe)
     t0 = time.perf_counter()
     embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer, backend=backend)
