@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -37,6 +38,13 @@ def schedules(draw, n_layers: int = N):
                     "exit_layer": draw(st.integers(0, n_layers))}
     if draw(st.integers(0, 3)) == 0:
         change["attention"] = {"bidirectional": draw(st.sampled_from(["none", "sentence", "last_token"]))}
+    if draw(st.integers(0, 3)) == 0:  # plans of one call that differ in more than the schedule must not share
+        change["tp"]["alpha"] = draw(st.sampled_from([1.0, 0.5]))
+    if draw(st.integers(0, 3)) == 0:
+        change["pooling"] = draw(st.sampled_from(["last", "mean"]))
+    if draw(st.integers(0, 3)) == 0:
+        change["placeholder"] = {"init": draw(st.sampled_from(["token", "zeros", "ones"])),
+                                 "mask": draw(st.sampled_from(["none", "first_layer"]))}
     return change
 
 
@@ -56,9 +64,11 @@ def test_shared_runs_equal_one_run_per_plan(data):
         r = base.model_copy(deep=True)
         tp = {**r.tp.model_dump(), **c["tp"]}
         try:
+            extra = {k: c[k] for k in ("attention", "pooling") if k in c}
+            if "placeholder" in c:
+                extra["placeholder"] = {**r.placeholder.model_dump(), **c["placeholder"]}
             recipes.append(r.replace(tp={k: v for k, v in tp.items() if k not in ("start", "stop")},
-                                     exit_layer=c["exit_layer"], **({"attention": c["attention"]} if "attention" in c
-                                                                    else {})))
+                                     exit_layer=c["exit_layer"], **extra))
         except tpsurgery.RecipeError:  # e.g. a bidirectional span that starts at a placeholder the prompt lacks
             pass
     assume(recipes)
@@ -120,3 +130,61 @@ def test_encode_schedules_names_the_callers_input_and_warns_once():
     with pytest.warns(UserWarning, match="truncated") as rec:
         emb.encode_schedules(["b", "c " * 600, "c " * 600], plans)
     assert len([w for w in rec if "truncated" in str(w.message)]) == 1
+
+
+def test_a_row_resumes_from_the_origin_of_a_row_that_starts_too_late():
+    """[1,2), [1,2)+[3,4), [1,3): the third agrees with the second up to layer 2, but the second starts at layer 3, so
+    the third must resume from the first (``share`` walks up the origins)."""
+    model, tok = tiny_model("llama", n_layers=5)
+    emb = tpsurgery.apply(model, "prompt: 'x <PST> {text} y'", tokenizer=tok)
+    spans = [[(1, 2)], [(1, 2), (3, 4)], [(1, 3)]]
+    plans = [compile_plan(emb.recipe.replace(tp={"spans": [{"start": a, "stop": b} for a, b in sp]}), 5, 32,
+                          emb.placeholder_id) for sp in spans]
+    sharing = share(plans)
+    assert (sharing.origin, sharing.start) == ((None, 0, 0), (0, 3, 2))
+    got = emb.encode_schedules(["a b", "c d e"], plans)
+    for r, p in enumerate(plans):
+        want = emb.encode(["a b", "c d e"], all_layers=True, plan=p, convert_to_tensor=True)
+        assert all(torch.equal(got[r, m], want[:, m]) for m in range(6))
+
+
+def test_mixed_pooling_and_non_finite_rows_are_handled_like_encode():
+    model, tok = tiny_model("llama", n_layers=3)
+    emb = tpsurgery.apply(model, "prompt: 'x <PST> {text} y'", tokenizer=tok)
+    last, mean = (compile_plan(emb.recipe.replace(tp={"start": 1, "stop": 3}, pooling=p), 3, 32, emb.placeholder_id)
+                  for p in ("last", "mean"))
+    for plans in ([last, mean], [mean, last]):  # the mean-pooling plan rejects the empty sentence, whatever the order
+        with pytest.raises(tpsurgery.InputError, match="mean pooling") as err:
+            emb.encode_schedules(["a b", ""], plans)
+        assert err.value.index == 1
+    assert torch.isfinite(emb.encode_schedules(["a b", ""], [last]).values).all()
+    handle = model.model.layers[1].register_forward_hook(lambda m, a, out: out * float("inf"))
+    try:
+        with pytest.warns(UserWarning, match="not finite"):
+            reads = emb.encode_schedules(["a b", "c"], [last, mean])
+    finally:
+        handle.remove()
+    assert reads.non_finite == (0, 1)
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is not present")
+def test_sweep_errors_and_warnings_name_pairs_whatever_the_chunking():
+    from tpsurgery.data import PairSet
+
+    model, tok = tiny_model("llama", n_layers=2)
+    pairs = load_stsb([SAMPLES], "test")
+    b = list(pairs.b)
+    b[6] = ""
+    broken = PairSet(pairs.name, pairs.a, tuple(b), pairs.gold, pairs.subset, pairs.files)
+    prompt = "prompt: 'x <PST> {text} y'\npooling: mean"
+    for budget in (1.0, 1e-6):
+        with pytest.raises(tpsurgery.InputError, match="stsb-test pair 6, sentence b: mean pooling") as err:
+            run_sweep(model, prompt, broken, tokenizer=tok, memory_gb=budget)
+        assert err.value.index == 6
+    b[6], b[9] = "word " * 600, "word " * 700
+    long = PairSet(pairs.name, pairs.a, tuple(b), pairs.gold, pairs.subset, pairs.files)
+    with pytest.warns(UserWarning) as rec:
+        run_sweep(model, prompt, long, tokenizer=tok, memory_gb=1e-6)
+    cut = [str(w.message) for w in rec if "truncated" in str(w.message)]
+    assert cut == [f"stsb-test: pairs 6, 9 have a sentence longer than the model's limit (512 tokens); it was "
+                   "truncated"]

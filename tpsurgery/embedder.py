@@ -169,7 +169,7 @@ class Embedder:
             todo = [t for t in unique if t not in cached]
             if todo:
                 per_template = self._per_template(todo, texts, lambda t, cut: self._encode_unique(
-                    todo, t, batch_size, show_progress_bar, all_layers, plan, cut))
+                    todo, t, batch_size, show_progress_bar, all_layers, plan, cut))[0]
                 new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
                 bad = (~torch.isfinite(new.reshape(len(todo), -1))).any(1).nonzero()[:, 0].tolist()
                 if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
@@ -189,14 +189,14 @@ class Embedder:
         return out.numpy()
 
     def encode_schedules(self, sentences: Sequence[str], plans: Sequence[Plan], batch_size: int = 32,
-                         share_layers: bool = True, show_progress_bar: bool | None = None) -> Any:
+                         share_layers: bool = True, show_progress_bar: bool | None = None, warn: bool = True) -> Any:
         """Every ``hidden_states[M]`` (M = 0..exit) of several plans, first layers they agree on computed once.
 
         For sweeps: TP [1, k) for k = 2..L agree on layers < k-1, so each row runs only the layers after its
         predecessor's last shared one (:mod:`tpsurgery.sharing`; ``share_layers=False`` or a backend without
         ``run_part``: each plan on its own). Returns a :class:`~tpsurgery.sharing.LayerReads`: ``result[r, M]`` is
-        ``[n, d]``, equal to
-        ``encode(..., all_layers=True, plan=plans[r])[:, M]``.
+        ``[n, d]``, equal to ``encode(..., all_layers=True, plan=plans[r])[:, M]``. Peak memory: about twice the
+        result. ``warn=False``: truncated / non-finite inputs are only listed in the result, not warned about.
 
         >>> import tpsurgery
         >>> from tpsurgery.plan import compile_plan
@@ -219,18 +219,26 @@ class Embedder:
             for r, row in zip(members, sharing.slots):
                 slots[r] = tuple(n + k for k in row)
             n += sharing.n_slots
+        values = torch.zeros(len(unique), n, d)  # template results are added in place: no per-template copies
 
-        def one_template(template: str, cut: set) -> torch.Tensor:  # every group's slots, side by side
-            return torch.cat([self._encode_rows(unique, template, batch_size, show_progress_bar, plans[members[0]],
-                                                (sharing.n_slots, d), functools.partial(
-                                                    run_shared, self.backend, [plans[r] for r in members], sharing,
-                                                    d), cut)
-                              for members, sharing in groups], 1)
+        def add_template(template: str, cut: set) -> None:
+            off = 0
+            for members, sharing in groups:
+                run = functools.partial(run_shared, self.backend, [plans[r] for r in members], sharing, d)
+                values[:, off: off + sharing.n_slots] += self._encode_rows(
+                    unique, template, batch_size, show_progress_bar, plans[members[0]], (sharing.n_slots, d), run, cut)
+                off += sharing.n_slots
 
-        values = torch.stack(self._per_template(unique, texts, one_template)).mean(0) if unique else \
-            torch.zeros(0, n, d)
-        where = {t: i for i, t in enumerate(unique)}
-        return LayerReads(values[torch.tensor([where[t] for t in texts], dtype=torch.long)], tuple(slots))
+        truncated = self._per_template(unique, texts, add_template, warn)[1] if unique else []
+        values /= len(self.recipe.templates)
+        first = {t: i for i, t in reversed(list(enumerate(texts)))}
+        bad = sorted(first[unique[i]] for i in (~torch.isfinite(values.reshape(len(unique), -1))).any(1).nonzero()[:, 0])
+        if bad and warn:
+            warnings.warn(non_finite_message(bad), UserWarning, stacklevel=2)
+        if texts != unique:
+            where = {t: i for i, t in enumerate(unique)}
+            values = values[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+        return LayerReads(values, tuple(slots), tuple(truncated), tuple(bad))
 
     def _cached(self, unique: list[str], plan: Plan, all_layers: bool) -> tuple[dict, str | None]:
         """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""
@@ -253,20 +261,21 @@ class Embedder:
                 raise InputError(i, f"expected a str, got {type(t).__name__}")
         return texts
 
-    def _per_template(self, todo: list[str], texts: list[str], encode_one) -> list[torch.Tensor]:
+    def _per_template(self, todo: list[str], texts: list[str], encode_one, warn: bool = True) -> tuple[list, list]:
         """``encode_one(template, truncated)`` for each template on the distinct texts ``todo``, in eval mode; errors
-        name indices of the caller's ``texts``; one warning lists the truncated ones."""
+        name indices of the caller's ``texts``. Returns the results and the caller's indices of truncated texts (one
+        warning lists them unless ``warn`` is False)."""
         truncated: set[int] = set()  # indices into todo, filled by _encode_rows
         try:
             with eval_mode(self.model):  # a model left in training mode would apply dropout
                 out = [encode_one(t, truncated) for t in self.recipe.templates]
         except TpsurgeryError as exc:  # indices of `todo` -> indices of the caller's list
             raise at_user_index(exc, todo, texts) from exc.__cause__
-        if truncated:
-            first = {t: i for i, t in reversed(list(enumerate(texts)))}
-            warnings.warn(truncation_message(sorted(first[todo[i]] for i in truncated), self.max_length),
-                          UserWarning, stacklevel=3)
-        return out
+        first = {t: i for i, t in reversed(list(enumerate(texts)))}
+        cut = sorted(first[todo[i]] for i in truncated)
+        if cut and warn:
+            warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=3)
+        return out, cut
 
     def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated) -> torch.Tensor:
         d = get_path(self.model, self.spec.embed).weight.shape[1]

@@ -92,14 +92,18 @@ def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]
     if index is None or not 0 <= index < len(done):
         return exc
     user = texts.index(done[index]) if isinstance(texts, list) else list(texts).index(done[index])
-    if user == index:
-        return exc
-    body = str(exc).split(": ", 1)[1] if str(exc).startswith(f"input {index}: ") else str(exc)
+    return exc if user == index else renumbered(exc, user)
+
+
+def renumbered(exc: TpsurgeryError, index: int, note: str = "") -> TpsurgeryError:
+    """A copy of ``exc`` (which names an input) naming input ``index`` instead, ``note`` put before its text."""
+    old = getattr(exc, "index", None)
+    body = str(exc).split(": ", 1)[1] if str(exc).startswith(f"input {old}: ") else str(exc)
     if isinstance(exc, InputError):
-        new: TpsurgeryError = InputError(user, body)
+        new: TpsurgeryError = InputError(index, note + body)
     else:
-        new = BackendError(f"input {user}: {body}", layer=getattr(exc, "layer", None))
-        new.index = user
+        new = BackendError(f"input {index}: {note}{body}", layer=getattr(exc, "layer", None))
+        new.index = index
     new.__cause__ = exc.__cause__
     return new
 

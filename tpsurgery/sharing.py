@@ -23,8 +23,9 @@ def _layer_edits(plan: Plan, i: int) -> tuple:
 
 
 def batch_key(plan: Plan) -> tuple:
-    """Plans with equal keys run on the same batches (collation and prompt-prefix reuse depend on these only)."""
-    return plan.source, plan.hide_placeholders, plan.needs_masks
+    """Plans with equal keys run on the same batches: collation and prompt-prefix reuse depend on these, and the
+    inputs a batch rejects (mean pooling with no sentence token) on the pooling."""
+    return plan.source, plan.hide_placeholders, plan.needs_masks, plan.pooling
 
 
 def common_layers(a: Plan, b: Plan) -> int:
@@ -131,7 +132,7 @@ def run_shared(backend: Any, plans: Sequence[Plan], sharing: Sharing, d: int, ba
                kw: dict) -> torch.Tensor:
     """One batch through every plan of a :class:`Sharing` on ``backend``: ``[B, n_slots, d]`` float32 (CPU)."""
     out = torch.empty((batch.size, sharing.n_slots, d), dtype=torch.float32)
-    last_use = {(q, sharing.start[r]): r for r, q in enumerate(sharing.origin) if q is not None}
+    last_use = {(q, sharing.start[r]): r for r, q in enumerate(sharing.origin) if q is not None and len(sharing.own(r))}
     kept: dict[tuple[int, int], torch.Tensor] = {}
     for r, plan in enumerate(plans):
         own = sharing.own(r)
@@ -153,10 +154,13 @@ def run_shared(backend: Any, plans: Sequence[Plan], sharing: Sharing, d: int, ba
 @dataclass(frozen=True)
 class LayerReads:
     """Pooled ``hidden_states`` of several plans (:meth:`Embedder.encode_schedules`): ``reads[r, M]`` is ``[n, d]``;
-    plans that share a layer share its slot in ``values`` (``[n, slots, d]``), so equal reads are stored once."""
+    plans that share a layer share its slot in ``values`` (``[n, slots, d]``), so equal reads are stored once.
+    ``truncated`` / ``non_finite``: indices of the inputs that were cut to the model's limit / came out NaN or inf."""
 
     values: torch.Tensor
     slots: tuple[tuple[int, ...], ...]
+    truncated: tuple[int, ...] = ()
+    non_finite: tuple[int, ...] = ()
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         r, m = key

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
-from .errors import InputError, RecipeError
+from .errors import InputError, RecipeError, TpsurgeryError
+from .resources import renumbered
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe, parse_recipe
 
 
@@ -176,9 +178,11 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
                      **({"placeholder_mask": "all"} if hidden_ph else {})})
     resume = share_layers and getattr(embedder.backend, "supports_resume", False)
     n_slots = sum(s.n_slots for _, s in share_groups(plans, resume))
-    cap = max(batch_size, int(memory_gb * 2**30 // max(1, n_slots * hidden * 4)))  # sentences per chunk
+    # sentences per chunk: encode_schedules peaks at about twice its [n, slots, d] float32 result
+    cap = max(batch_size, int(memory_gb * 2**30 // max(1, 2 * n_slots * hidden * 4)))
     cos = np.empty((len(pairs), n_slots))
     slots: tuple = ()
+    cut, bad = set(), set()  # pair indices with a truncated / non-finite sentence
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -186,7 +190,19 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         bar = tqdm(total=len(pairs), desc="sweep", unit="pair")
     for lo, hi in _chunks(pairs, cap):
         texts = list(dict.fromkeys([*pairs.a[lo:hi], *pairs.b[lo:hi]]))
-        reads = embedder.encode_schedules(texts, plans, batch_size, share_layers=resume)
+        first_pair = {}
+        for i in range(hi - 1, lo - 1, -1):
+            first_pair.update({pairs.b[i]: (i, "b"), pairs.a[i]: (i, "a")})
+        try:
+            reads = embedder.encode_schedules(texts, plans, batch_size, share_layers=resume, warn=False)
+        except TpsurgeryError as exc:  # name the pair, whatever the chunking
+            k = getattr(exc, "index", None)
+            if k is None or not 0 <= k < len(texts):
+                raise
+            i, side = first_pair[texts[k]]
+            raise renumbered(exc, i, f"{pairs.name} pair {i}, sentence {side}: ") from exc.__cause__
+        cut.update(first_pair[texts[k]][0] for k in reads.truncated)
+        bad.update(first_pair[texts[k]][0] for k in reads.non_finite)
         slots = reads.slots
         where = {t: i for i, t in enumerate(texts)}
         ia = [where[t] for t in pairs.a[lo:hi]]
@@ -197,6 +213,12 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
             bar.update(hi - lo)
     if bar is not None:
         bar.close()
+    if cut:
+        warnings.warn(f"{pairs.name}: pairs {_listed(cut)} have a sentence longer than the model's limit "
+                      f"({embedder.max_length} tokens); it was truncated", UserWarning, stacklevel=2)
+    if bad:
+        warnings.warn(f"{pairs.name}: pairs {_listed(bad)} have a sentence whose embedding is not finite (NaN or "
+                      "inf) at some layer; those cells score NaN (None)", UserWarning, stacklevel=2)
     for row, row_slots in zip(rows, slots):
         scores = spearman100(cos[:, list(row_slots)], pairs.gold)
         row["scores"] = [None if np.isnan(x) else round(float(x), 4) for x in scores]
@@ -208,14 +230,24 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
 
 
 def _chunks(pairs: Any, cap: int) -> list[tuple[int, int]]:
-    """Consecutive pair ranges with at most ``cap`` distinct sentences each (at least one pair each)."""
+    """Consecutive pair ranges with at most ``cap`` distinct sentences each (at least one pair each).
+
+    >>> from types import SimpleNamespace
+    >>> _chunks(SimpleNamespace(a=("x", "y", "x", "z"), b=("y", "y", "w", "v")), cap=3)   # {x, y, w}, {z, v}
+    [(0, 3), (3, 4)]
+    """
     out, lo, seen = [], 0, set()
     for i, (a, b) in enumerate(zip(pairs.a, pairs.b)):
-        if len(seen | {a, b}) > cap and i > lo:
+        if len(seen) + (a not in seen) + (b not in seen and b != a) > cap and i > lo:
             out.append((lo, i))
             lo, seen = i, set()
-        seen |= {a, b}
-    return out + [(lo, len(pairs))] if len(pairs) else out
+        seen.update((a, b))
+    return out + [(lo, len(pairs.a))] if len(pairs.a) else out
+
+
+def _listed(indices: set[int]) -> str:
+    shown = sorted(indices)
+    return ", ".join(map(str, shown[:5])) + (f", ... ({len(shown)} in all)" if len(shown) > 5 else "")
 
 
 def resolve_auto_exit(model: Any, recipe: Recipe, path: str | os.PathLike | None = None) -> int:
