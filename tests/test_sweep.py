@@ -120,6 +120,7 @@ def test_cli_sweep_writes_outputs(tmp_path):
                                       "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "best: TP [1," in result.output and (out / "heatmap.png").is_file()
+    assert "2 rows, 4 of 6 layer forwards per batch" in result.output  # TP [1,3) resumes at layer 2
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["name"] == "mine-swept" and best["tp"]["spans"][0]["start"] == 1
     assert len(json.loads((out / "sweep.json").read_text())["rows"]) == 2

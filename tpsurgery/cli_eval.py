@@ -179,7 +179,8 @@ def sweep(
     paths = write_outputs(res, out_dir)
     r, m, score = res.best()
     typer.echo(f"best: {res.rows[r]['label']}, exit hidden_states[{m}] -> {score:.2f} on {res.task} "
-               f"({res.n_pairs} pairs, {len(res.rows)} passes, {res.seconds:.1f} s)")
+               f"({res.n_pairs} pairs, {len(res.rows)} rows, {res.extra['layer_forwards_per_batch']} of "
+               f"{res.extra['layer_forwards_per_batch_unshared']} layer forwards per batch, {res.seconds:.1f} s)")
     for k, p in paths.items():
         typer.echo(f"wrote {k}: {p}")
 
