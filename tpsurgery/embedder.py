@@ -49,6 +49,21 @@ def _placeholder_id(recipe: Recipe, tokenizer: Any, vocab_size: int) -> int:
     return p.token_id
 
 
+
+def _non_finite_rows(values: torch.Tensor) -> list[int]:
+    """Rows (first axis) with a NaN or inf anywhere."""
+    return (~torch.isfinite(values.reshape(len(values), -1))).any(1).nonzero()[:, 0].tolist()
+
+
+def _caller_indices(rows, todo: Sequence[str], texts: Sequence[str]) -> list[int]:
+    """Sorted first positions in the caller's ``texts`` of the de-duplicated ``todo[i]`` for ``i`` in ``rows``.
+
+    >>> _caller_indices({0, 1}, ["b", "a"], ["a", "b", "a"])
+    [0, 1]
+    """
+    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+    return sorted(first[todo[i]] for i in rows)
+
 @dataclass
 class EncodeStats:
     """Work counters since the embedder was made: batches, rows, padded vs real tokens, prefix tokens not recomputed.
@@ -171,10 +186,9 @@ class Embedder:
                 per_template = self._per_template(todo, texts, lambda t, cut: self._encode_unique(
                     todo, t, batch_size, show_progress_bar, all_layers, plan, cut))[0]
                 new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
-                bad = (~torch.isfinite(new.reshape(len(todo), -1))).any(1).nonzero()[:, 0].tolist()
+                bad = _non_finite_rows(new)
                 if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
-                    first = {t: i for i, t in reversed(list(enumerate(texts)))}
-                    warnings.warn(non_finite_message(sorted(first[todo[i]] for i in bad)), UserWarning, stacklevel=2)
+                    warnings.warn(non_finite_message(_caller_indices(bad, todo, texts)), UserWarning, stacklevel=2)
                 if key is not None:
                     self.embedding_cache.put(key, {t: new[i].numpy() for i, t in enumerate(todo) if i not in bad})
                 cached.update({t: new[i] for i, t in enumerate(todo)})
@@ -231,8 +245,7 @@ class Embedder:
 
         truncated = self._per_template(unique, texts, add_template, warn)[1] if unique else []
         values /= len(self.recipe.templates)
-        first = {t: i for i, t in reversed(list(enumerate(texts)))}
-        bad = sorted(first[unique[i]] for i in (~torch.isfinite(values.reshape(len(unique), -1))).any(1).nonzero()[:, 0])
+        bad = _caller_indices(_non_finite_rows(values), unique, texts)
         if bad and warn:
             warnings.warn(non_finite_message(bad), UserWarning, stacklevel=2)
         if texts != unique:
@@ -271,8 +284,7 @@ class Embedder:
                 out = [encode_one(t, truncated) for t in self.recipe.templates]
         except TpsurgeryError as exc:  # indices of `todo` -> indices of the caller's list
             raise at_user_index(exc, todo, texts) from exc.__cause__
-        first = {t: i for i, t in reversed(list(enumerate(texts)))}
-        cut = sorted(first[todo[i]] for i in truncated)
+        cut = _caller_indices(truncated, todo, texts)
         if cut and warn:
             warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=3)
         return out, cut
