@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from .errors import ModelError
+
 CACHE_FORMAT = 1
 
 
@@ -44,6 +46,19 @@ def weights_token(model: Any) -> int:
     False
     """
     return hash(tuple((name, t.data_ptr(), t._version, t.dtype, t.device.type) for name, t in _tensors(model)))
+
+
+def _offloaded(model: Any, name: str) -> torch.Tensor:
+    """The value of an offloaded tensor (on the ``meta`` device) from the accelerate hook that loads it when it runs."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):  # the owning module first, then modules that place their submodules
+        hook = vars(model.get_submodule(".".join(parts[:k]))).get("_hf_hook")
+        for h in (hook, *getattr(hook, "hooks", ())):
+            weights = getattr(h, "weights_map", None)
+            if getattr(h, "offload", False) and weights is not None and ".".join(parts[k:]) in weights:
+                return weights[".".join(parts[k:])]
+    raise ModelError(f"model tensor {name} is on the meta device and no accelerate hook loads it: cannot fingerprint "
+                     "the model for the embedding cache (load the weights, or turn the embedding cache off)")
 
 
 _FINGERPRINTS: "weakref.WeakKeyDictionary[Any, tuple[int, str]]" = weakref.WeakKeyDictionary()
@@ -70,6 +85,8 @@ def model_fingerprint(model: Any) -> str:
     with torch.no_grad():
         for name, t in _tensors(model):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            if t.is_meta:  # offloaded by accelerate (device_map with "cpu"/"disk" entries): hash the stored value
+                t = _offloaded(model, name)
             flat = t.detach().to("cpu").contiguous().reshape(-1)
             h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
     digest = h.hexdigest()[:32]

@@ -20,6 +20,7 @@ import torch
 
 from .arch import ArchSpec, arch_for, get_path
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
+from .placement import input_device
 from .plan import Plan, collate, compile_plan
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
@@ -259,7 +260,7 @@ class Embedder:
             return {}, None
         from .cache import model_fingerprint, plan_key, tokenizer_fingerprint
 
-        device = next(self.model.parameters()).device.type
+        device = input_device(self.model, self.spec).type
         key = "/".join([model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer),
                         plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)])
         return self.embedding_cache.get(key, unique), key
@@ -334,7 +335,7 @@ class Embedder:
         """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, no attention-mask edits."""
         enabled = self.prefix_cache
         if enabled is None:  # auto: measured to pay on the CPU, not on a GPU (docs/performance.md)
-            enabled = next(self.model.parameters()).device.type == "cpu"
+            enabled = input_device(self.model, self.spec).type == "cpu"
         if not (enabled and getattr(self.backend, "supports_prefix", False)) or plan.needs_masks:
             return None
         n = shared_prefix_length(rows, plan.source)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ModelError, RecipeError
+from .placement import input_device
 from .plan import Batch, Plan
 
 MaskFn = Callable[[Any, Any, Any, Any], Any]
@@ -125,18 +126,18 @@ def layer_masks(model: Any, plan: Plan, batch: Batch) -> dict[int, Any]:
     if not plan.needs_masks:
         return {}
     check_model(model)
-    param = next(model.parameters())
+    dtype, device = next(model.parameters()).dtype, input_device(model)  # accelerate moves masks to later layers
     b, length = batch.input_ids.shape
-    shape_only = torch.empty((b, length, 1), dtype=param.dtype, device=param.device)
-    kw = dict(config=model.config, inputs_embeds=shape_only, attention_mask=batch.attention_mask.to(param.device),
-              cache=None, position_ids=batch.position_ids.to(param.device))
+    shape_only = torch.empty((b, length, 1), dtype=dtype, device=device)
+    kw = dict(config=model.config, inputs_embeds=shape_only, attention_mask=batch.attention_mask.to(device),
+              cache=None, position_ids=batch.position_ids.to(device))
     out: dict[int, Any] = {}
     built: dict[tuple, Any] = {}
     for i in sorted(set(plan.mask_layers) | set(plan.bidirectional_layers)):
         key = (layer_kind(model.config, i), i in plan.mask_layers, i in plan.bidirectional_layers)
         if key not in built:
             or_fn, and_fn = edit_functions(batch, mask_placeholders=key[1],
-                                           bidirectional=plan.bidirectional if key[2] else "none", device=param.device)
+                                           bidirectional=plan.bidirectional if key[2] else "none", device=device)
             make = mu.create_sliding_window_causal_mask if key[0] == "sliding_attention" else mu.create_causal_mask
             built[key] = make(**kw, or_mask_function=or_fn, and_mask_function=and_fn)
         out[i] = built[key]

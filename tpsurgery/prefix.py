@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import BackendError
+from .placement import input_device
 from .plan import Batch
 from .prompts import Encoded
 
@@ -120,7 +121,7 @@ def compute_prefix(model: Any, ids: Sequence[int]) -> Prefix | None:
     """Run the prefix once and keep its keys/values; None if this model's forward does not return a usable cache."""
     from transformers.cache_utils import Cache, DynamicLayer
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     t = torch.tensor([list(ids)], device=device)
     base = getattr(model, "base_model", model)  # the decoder without the LM head: only the keys/values are needed
     try:

@@ -15,8 +15,13 @@ from ..arch import ArchSpec, arch_for, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..plan import Batch, Plan
 from ..masks import layer_masks, mask_position, replace_mask
+from ..placement import input_device
 from .pooling import pool
 from .surgery import overwrite_placeholders, write_initial
+
+
+def _is_nnsight(forward: Any) -> bool:
+    return forward is not None and type(forward).__module__.startswith("nnsight")
 
 
 class NNsightBackend:
@@ -31,6 +36,7 @@ class NNsightBackend:
         self.spec = spec or arch_for(model)
         self._owns_envoy = envoy is None
         self._envoy = envoy
+        self._forwards: dict = {}
         self.n_layers = len(get_path(model, self.spec.layers))
 
     @property
@@ -39,6 +45,10 @@ class NNsightBackend:
         if self._envoy is None:
             import nnsight
 
+            # forwards already on instances (accelerate's device-alignment wrappers of a device_map'ed model, ...):
+            # nnsight takes their slot, close() puts them back
+            self._forwards = {m: f for m in self.model.modules()
+                              if (f := vars(m).get("forward")) is not None and not _is_nnsight(f)}
             self._envoy = nnsight.NNsight(self.model)
         return self._envoy
 
@@ -46,17 +56,20 @@ class NNsightBackend:
         """Take nnsight's per-module ``forward`` wrappers off the model again (only those this backend put there).
 
         ``nnsight.NNsight(model)`` sets ``forward`` and ``__nnsight__`` on every module instance; they pass calls
-        through unchanged, but the model object is only exactly as it was once they are gone. A later ``run`` wraps
+        through unchanged, but the model object is only exactly as it was once they are gone. Forwards that were on
+        instances before (accelerate's device hooks of a ``device_map`` model) are put back. A later ``run`` wraps
         the model again.
         """
         if not self._owns_envoy or self._envoy is None:
             return
         for module in self.model.modules():
             attrs = vars(module)
-            if type(attrs.get("forward")).__module__.startswith("nnsight"):
+            if _is_nnsight(attrs.get("forward")):
                 del module.forward
+                if module in self._forwards:
+                    module.forward = self._forwards[module]
             attrs.pop("__nnsight__", None)
-        self._envoy = None
+        self._envoy, self._forwards = None, {}
 
     def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None,
             prefix: Any = None) -> torch.Tensor:
@@ -74,7 +87,7 @@ class NNsightBackend:
         return self._call(plan, batch, True, prefix, None, start, hidden, keep)
 
     def _call(self, plan, batch, all_layers, prefix, attention_masks, start=0, hidden=None, keep=()):
-        device = next(self.model.parameters()).device
+        device = input_device(self.model, self.spec)  # a device_map'ed model: where the embedding runs
         kwargs = dict(
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device) if attention_masks is None else attention_masks,
@@ -104,7 +117,7 @@ class NNsightBackend:
         masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
         where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
         if start:
-            hidden = hidden.to(next(self.model.parameters()).device)
+            hidden = hidden.to(input_device(self.model, self.spec))
             skipped = (hidden,) if tuple_out else hidden
         with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
             if has_ph and plan.init_vector is not None and not start:
@@ -131,4 +144,5 @@ class NNsightBackend:
             elif m == plan.n_layers:
                 reads.append(pool(norm.output, plan.pooling, batch.text_mask).save())
             tracer.stop()
-        return (torch.stack(reads, 1) if all_layers else reads[-1]), kept
+        # a device_map'ed model reads each layer on its own device
+        return (torch.stack([r.to(reads[0].device) for r in reads], 1) if all_layers else reads[-1]), kept

@@ -40,6 +40,7 @@ import torch
 
 from ..arch import ArchSpec, arch_for
 from ..errors import BackendError, ModelError, TpsurgeryError
+from ..placement import input_device
 from ..plan import Batch, Plan
 from .pooling import pool
 from .surgery import overwrite_placeholders, write_initial
@@ -113,7 +114,7 @@ class TransformerLensBackend:
 
     def run(self, plan: Plan, batch: Batch, all_layers: bool = False) -> torch.Tensor:
         """``[B, d]`` float32 pooled embeddings at the exit layer, or ``[B, M + 1, d]`` with ``all_layers``."""
-        device = next(self.model.parameters()).device
+        device = input_device(self.model, self.spec)
         m, n = plan.exit_layer, self.n_layers
         reads: list[torch.Tensor] = []
         hooks = self._hooks(plan, batch, all_layers, reads)
