@@ -41,3 +41,7 @@ class BackendError(TpsurgeryError):
         self.layer = layer
         where = f"layer {layer}: " if layer is not None else ""
         super().__init__(f"{where}{message}")
+
+
+class LaunchError(TpsurgeryError):
+    """A multi-process run is set up inconsistently (torchrun's environment, another run's part files)."""
