@@ -12,7 +12,9 @@ all heads at once (the whole concatenated-heads vector), and the embedding is HF
 last token. Optionally Token Prepending (TP) is done too, through the suite's one TP hook reference
 (``prop_support.reference_hidden``), on the normal run and, if asked, on the auxiliary run.
 
-One sentence at a time, unpadded, plain PyTorch hooks. The o_proj-like module is found from this file's own table
+One sentence at a time, unpadded, plain PyTorch hooks. :func:`tl_cp_embed` does the same edit through a
+TransformerLens bridge at ``blocks.{l}.attn.o.hook_in`` (head-split [B, L, n_heads, head_dim]; flattened it is the HF
+module's input), for the TransformerLens backend's tests. The o_proj-like module is found from this file's own table
 (never from ``tpsurgery.arch``): its input is the concatenation of the per-head attention outputs,
 [B, L, n_heads * head_dim] with head h in columns h*hd:(h+1)*hd (checked per family in tests/test_cp_oracle.py).
 """
@@ -141,3 +143,52 @@ def cp_embed(model, rows, aux_rows, cp: CP | None, exit_layer: int, tp: dict | N
     """[N, d] float32: the last token of ``hidden_states[exit_layer]``, one sentence at a time."""
     out = [cp_hidden(model, r, a, cp, tp, aux_tp)[exit_layer][0, -1].float() for r, a in zip(rows, aux_rows)]
     return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------- TransformerLens
+TL_SITE = "blocks.{layer}.attn.o.hook_in"  # head-split [B, L, n_heads, head_dim]; flatten(-2) == HF o_proj input
+
+
+def tl_aux_row(bridge, ids, layer: int) -> torch.Tensor:
+    """B through a TransformerLens bridge: the last row of the flattened ``o.hook_in`` of ``layer``; stops there."""
+    got: list[torch.Tensor] = []
+
+    def grab(t, hook):
+        got.append(t.flatten(-2)[0, -1].detach().clone())
+        raise _Stop
+
+    try:
+        with torch.no_grad():
+            bridge.run_with_hooks(torch.tensor([list(ids)]), fwd_hooks=[(TL_SITE.format(layer=layer), grab)],
+                                  return_type=None)
+    except _Stop:
+        pass
+    (b,) = got
+    return b
+
+
+def tl_cp_embed(bridge, ids, aux_ids, cp: CP, exit_layer: int) -> torch.Tensor:
+    """[d] float32: the last token of ``hidden_states[exit_layer]`` (1 <= exit_layer < n_layers, i.e.
+    ``blocks.{exit_layer - 1}.hook_resid_post``) with the CP edit done at ``o.hook_in`` of a TL bridge."""
+    b = tl_aux_row(bridge, aux_ids, cp.layer)
+    read: list[torch.Tensor] = []
+
+    def edit(t, hook):
+        shape = t.shape
+        x = t.flatten(-2).clone()
+        x[:, -1] = edited_row(x[:, -1].clone(), b.to(x.dtype), cp)
+        return x.reshape(shape)
+
+    def grab(t, hook):
+        read.append(t[0, -1].detach().float().clone())
+        raise _Stop
+
+    try:
+        with torch.no_grad():
+            bridge.run_with_hooks(torch.tensor([list(ids)]), return_type=None,
+                                  fwd_hooks=[(TL_SITE.format(layer=cp.layer), edit),
+                                             (f"blocks.{exit_layer - 1}.hook_resid_post", grab)])
+    except _Stop:
+        pass
+    (h,) = read
+    return h

@@ -4,7 +4,8 @@
   outputs in head-major order (checked by perturbing one query head / zeroing one value group);
 * an auxiliary prompt equal to the normal prompt gives a zero row at the site (scaled C = 1 and norm);
 * CP changes only the last token, and only from hidden_states[l + 1] on; the edited row is the official formula;
-* the auxiliary run stops at layer l and its B equals the row of a complete run.
+* the auxiliary run stops at layer l and its B equals the row of a complete run;
+* the TransformerLens route (``o.hook_in``, flattened) gives the same CP embedding as the HF pre-hook route.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from cp_oracle import CP, O_PROJ, aux_row, cp_edit, cp_hidden, edited_row, o_proj_module
+from cp_oracle import CP, O_PROJ, aux_row, cp_edit, cp_hidden, edited_row, o_proj_module, tl_cp_embed
 from prop_support import decoder_parts, model_for
 from tpsurgery.prompts import encode_prompts
 from tpsurgery.testing import ARCHS, tiny_model
@@ -214,3 +215,18 @@ def test_oracle_on_smollm2(smollm2):
     torch.testing.assert_close(edited[5], plain[5], rtol=0, atol=0)
     assert (edited[6][0, -1] - plain[6][0, -1]).abs().max() > 1e-3
     assert o_proj_module(model, 5).in_features == model.config.num_attention_heads * model.config.head_dim
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon", "gemma3"])
+@pytest.mark.parametrize("mode", ["scaled", "norm"])
+def test_transformer_lens_site_gives_the_same_cp_embedding(arch, mode):
+    from tpsurgery.backends.tl_backend import boot_bridge
+
+    model, tok = model_for(arch)
+    bridge = boot_bridge(model, tok)
+    row, aux = rows(tok, PROMPT), rows(tok, AUX)
+    cp = CP(2, mode, 2.0)
+    want = cp_hidden(model, row, aux, cp)[3][0, -1].float()
+    got = tl_cp_embed(bridge, row.ids, aux.ids, cp, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cp_hidden(model, row, aux, None)[3][0, -1].float(), want)
