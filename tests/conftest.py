@@ -18,6 +18,12 @@ settings.register_profile("dev", max_examples=1000, deadline=None, print_blob=Tr
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True)
+def _private_embedding_cache(tmp_path_factory, monkeypatch):
+    """The CLI stores embeddings by default (resume): tests keep them out of the user's cache."""
+    monkeypatch.setenv("TPSURGERY_EMBEDDING_CACHE", str(tmp_path_factory.mktemp("embedding-cache")))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct (float32), shared by the whole session. Never mutate it."""

@@ -430,37 +430,45 @@ def test_a_write_that_fails_midway_leaves_the_old_output(tmp_path):
     assert out.read_bytes() == b"previous result" and os.listdir(tmp_path) == ["emb.npy"]
 
 
-def test_ctrl_c_leaves_no_cache_entry_and_cache_files_are_private(tmp_path):
+def test_ctrl_c_keeps_finished_batches_in_the_cache_and_cache_files_are_private(tmp_path):
+    """Finished batches are stored as they finish (resume); an interrupted batch stores nothing; the rerun computes
+    only the rest and equals an uninterrupted run bit for bit."""
     model, tok = tiny_model("llama")
+    want = tpsurgery.apply(model, REC, tokenizer=tok, prefix_cache=False).encode(TEXTS, batch_size=2, max_tokens=10**6)
     old = os.umask(0)
     try:
-        emb = tpsurgery.apply(model, REC, tokenizer=tok, embedding_cache=tmp_path / "emb")
+        emb = tpsurgery.apply(model, REC, tokenizer=tok, embedding_cache=tmp_path / "emb", prefix_cache=False)
     finally:
         os.umask(old)
     calls = {"n": 0}
 
     def interrupt(module, args):
         calls["n"] += 1
-        if calls["n"] == 3:  # mid-way through the batches
+        if calls["n"] == 3:  # the third batch of two: two have finished
             raise KeyboardInterrupt
 
     handle = model.model.layers[1].register_forward_pre_hook(interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
-            emb.encode(TEXTS, batch_size=2)
+            emb.encode(TEXTS, batch_size=2, max_tokens=10**6)
     finally:
         handle.remove()
     cache = emb.embedding_cache
-    assert cache.get("any", TEXTS) == {}
     import sqlite3
 
     con = sqlite3.connect(cache.path)
     try:
-        assert con.execute("SELECT COUNT(*) FROM emb").fetchone() == (0,)  # nothing half-stored
+        assert con.execute("SELECT COUNT(*) FROM emb2").fetchone() == (4,)  # two whole batches, nothing half-stored
     finally:
         con.close()
-    first = emb.encode(TEXTS, batch_size=2)
-    assert np.array_equal(emb.encode(TEXTS, batch_size=2), first) and cache.hits == len(TEXTS)
+    calls["n"] = 0
+    handle = model.model.layers[1].register_forward_pre_hook(interrupt)  # counts the rerun's batches
+    try:
+        got = emb.encode(TEXTS, batch_size=2, max_tokens=10**6)
+    finally:
+        handle.remove()
+    assert calls["n"] == 2 and cache.hits == 4 and np.array_equal(got, want)
+    assert np.array_equal(emb.encode(TEXTS, batch_size=2), want) and cache.hits == 4 + len(TEXTS)
     for p in [tmp_path / "emb", *(tmp_path / "emb").rglob("*")]:
         assert not stat.S_IMODE(p.stat().st_mode) & (stat.S_IWOTH | stat.S_IWGRP), p
 

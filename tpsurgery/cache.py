@@ -7,6 +7,11 @@ version counter on every in-place write). The plan key covers the recipe's seman
 plan (resolved exit layer, TP layers, placeholder vector, ...), ``all_layers``, the backend, the device type and the
 tpsurgery version. Storage is one SQLite file; each ``put`` is one transaction, so a crash never leaves half an entry.
 
+Each row carries a digest of its key and bytes: a cache file that SQLite cannot read, or a row whose digest does not
+match (a garbled file), is never trusted: the file is moved aside (``embeddings.sqlite.corrupt-<time>``) with a
+warning and a fresh cache is started. A cache that cannot be written (a read-only folder or file) gives one warning
+and the work goes on without storing (reads still hit where the file can be read).
+
 >>> import tempfile, numpy as np
 >>> cache = EmbeddingCache(tempfile.mkdtemp())
 >>> cache.put("k", {"a": np.ones(3, np.float32)})
@@ -20,6 +25,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -29,7 +36,7 @@ import torch
 
 from .errors import ModelError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: rows carry a digest (table emb2); format-1 rows are ignored
 
 
 def _tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
@@ -116,9 +123,12 @@ def plan_key(recipe: Any, plan: Any, *, all_layers: bool, backend: str, device: 
 
 
 class EmbeddingCache:
-    """Embeddings on disk under ``directory`` (default: ``<tpsurgery cache>/embeddings``), one SQLite file."""
+    """Embeddings on disk under ``directory`` (default: ``$TPSURGERY_EMBEDDING_CACHE``, else
+    ``<tpsurgery cache>/embeddings``), one SQLite file."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
+        if directory is None and os.environ.get("TPSURGERY_EMBEDDING_CACHE"):
+            directory = os.environ["TPSURGERY_EMBEDDING_CACHE"]
         if directory is None:
             from .models import cache_dir
 
@@ -126,64 +136,132 @@ class EmbeddingCache:
         from .models import check_cache_dir, make_dirs
 
         self.directory = Path(directory).expanduser()
-        make_dirs(self.directory)  # 0o755 whatever the umask; refuse a folder others own or may write to
-        check_cache_dir(self.directory)
         self.path = self.directory / "embeddings.sqlite"
-        if not self.path.exists():
-            self._connect().close()
-            os.chmod(self.path, 0o644)
         self.hits = 0
         self.misses = 0
+        self.readable = self.writable = True
+        try:
+            make_dirs(self.directory)  # 0o755 whatever the umask; refuse a folder others own or may write to
+        except OSError as exc:
+            self._unusable(exc, write_only=False)
+            return
+        check_cache_dir(self.directory)
+        if not self.path.exists():
+            self._guard(lambda con: None, None, write=True)
+            if self.path.exists():
+                os.chmod(self.path, 0o644)
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)
-        con.execute("CREATE TABLE IF NOT EXISTS emb (k TEXT PRIMARY KEY, shape TEXT NOT NULL, v BLOB NOT NULL)")
+        try:
+            con.execute("CREATE TABLE IF NOT EXISTS emb2 (k TEXT PRIMARY KEY, shape TEXT NOT NULL, v BLOB NOT NULL, "
+                        "h BLOB NOT NULL)")
+        except sqlite3.OperationalError as exc:  # a read-only file or folder: reads may still work
+            if "readonly" not in str(exc) and "read-only" not in str(exc):
+                con.close()
+                raise
         return con
+
+    def _unusable(self, exc: BaseException, write_only: bool) -> None:
+        if self.writable:  # one warning per cache object
+            warnings.warn(f"the embedding cache {self.path} cannot be {'written' if write_only else 'used'} ({exc}); "
+                          "going on without storing embeddings", UserWarning, stacklevel=4)
+        self.writable = False
+        self.readable = self.readable and write_only
+
+    def _guard(self, action: Any, default: Any, write: bool) -> Any:
+        """``action(connection)``; a corrupt file is moved aside and the action retried once on a fresh one; a file
+        or folder that cannot be written or opened is warned about once and skipped from then on."""
+        if not (self.writable if write else self.readable):
+            return default
+        for attempt in (0, 1):
+            try:
+                con = self._connect()
+                try:
+                    return action(con)
+                finally:
+                    con.close()
+            except _Corrupt as exc:
+                self._move_aside(str(exc))
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and not _corrupt_message(exc):
+                    self._unusable(exc, write_only=write and "readonly" in str(exc))
+                    return default
+                self._move_aside(str(exc))
+            except OSError as exc:
+                self._unusable(exc, write_only=write)
+                return default
+        return default
+
+    def _move_aside(self, why: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            self._unusable(exc, write_only=False)
+            return
+        warnings.warn(f"the embedding cache {self.path} is unreadable or corrupt ({why}); moved it to {aside} and "
+                      "started a fresh one (nothing in it was used)", UserWarning, stacklevel=5)
 
     @staticmethod
     def _row_key(key: str, text: str) -> str:
         return hashlib.sha256(f"{key}\0{text}".encode()).hexdigest()
 
+    @staticmethod
+    def _digest(row_key: str, shape: str, value: bytes) -> bytes:
+        return hashlib.blake2b(f"{row_key}{shape}".encode() + value, digest_size=16).digest()
+
     def get(self, key: str, texts: Iterable[str]) -> dict[str, np.ndarray]:
         """The cached float32 embeddings of those ``texts`` that have one under ``key``."""
         texts = list(texts)
         by_row = {self._row_key(key, t): t for t in texts}
-        out: dict[str, np.ndarray] = {}
-        con = self._connect()
-        try:
+
+        def read(con: sqlite3.Connection) -> dict[str, np.ndarray]:
+            out: dict[str, np.ndarray] = {}
             rows = list(by_row)
             for k in range(0, len(rows), 500):
                 chunk = rows[k: k + 500]
-                q = f"SELECT k, shape, v FROM emb WHERE k IN ({','.join('?' * len(chunk))})"
-                for rk, shape, v in con.execute(q, chunk):
+                q = f"SELECT k, shape, v, h FROM emb2 WHERE k IN ({','.join('?' * len(chunk))})"
+                for rk, shape, v, h in con.execute(q, chunk):
+                    if not isinstance(v, bytes) or h != self._digest(rk, shape, v):
+                        raise _Corrupt(f"row {rk[:12]} does not match its digest")
                     out[by_row[rk]] = np.frombuffer(v, dtype=np.float32).reshape(json.loads(shape)).copy()
-        finally:
-            con.close()
+            return out
+
+        out = self._guard(read, {}, write=False)
         self.hits += len(out)
         self.misses += len(texts) - len(out)
         return out
 
     def put(self, key: str, embeddings: Mapping[str, np.ndarray]) -> None:
         """Store embeddings (one transaction: all or nothing)."""
-        con = self._connect()
-        try:
+        rows = []
+        for t, e in embeddings.items():
+            rk, shape, v = self._row_key(key, t), json.dumps(list(e.shape)), np.ascontiguousarray(e, np.float32).tobytes()
+            rows.append((rk, shape, v, self._digest(rk, shape, v)))
+
+        def write(con: sqlite3.Connection) -> None:
             with con:
-                con.executemany(
-                    "INSERT OR REPLACE INTO emb (k, shape, v) VALUES (?, ?, ?)",
-                    [(self._row_key(key, t), json.dumps(list(e.shape)), np.ascontiguousarray(e, np.float32).tobytes())
-                     for t, e in embeddings.items()],
-                )
-        finally:
-            con.close()
+                con.executemany("INSERT OR REPLACE INTO emb2 (k, shape, v, h) VALUES (?, ?, ?, ?)", rows)
+
+        self._guard(write, None, write=True)
 
     def clear(self) -> None:
         """Forget every entry."""
-        con = self._connect()
-        try:
+        def wipe(con: sqlite3.Connection) -> None:
             with con:
-                con.execute("DELETE FROM emb")
-        finally:
-            con.close()
+                con.execute("DELETE FROM emb2")
+
+        self._guard(wipe, None, write=True)
+
+
+class _Corrupt(Exception):
+    """A row that does not match its digest."""
+
+
+def _corrupt_message(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("malformed", "not a database", "file is encrypted", "corrupt"))
 
 
 def as_cache(cache: Any) -> EmbeddingCache | None:

@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +24,8 @@ recipes_app = typer.Typer(help="The shipped recipe library.", no_args_is_help=Tr
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(recipes_app, name="recipes")
 
-from .cli_eval import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, eval_app, regress, sweep  # noqa: E402  (evaluation commands)
+from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
+                       regress, sweep)  # (evaluation commands)
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
@@ -37,16 +36,9 @@ RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipp
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and rename: an interrupt never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .textio import atomic_write
+
+    atomic_write(path, data)
 
 
 @recipe_app.command("validate")
@@ -86,35 +78,33 @@ def recipes_list() -> None:
 
 @app.command()
 def embed(
-    input: Path = typer.Option(..., "--input", "-i", help="text file, one sentence per line"),
-    output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [n, d])"),
+    input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one sentence per line ('\\n'-separated; "
+                               "one output row per line)"),
+    output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [lines, d])"),
     recipe: str = RECIPE_OPT,
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
     backend: str = BACKEND_OPT,
-    batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    batch_size: int = typer.Option(32, help="at most this many sentences per forward pass"),
+    max_tokens: Optional[int] = typer.Option(None, help="at most this many (padded) tokens per forward pass "
+                                             "(default: batch size x twice the median length)"),
     normalize: bool = typer.Option(False, help="L2-normalize the embeddings"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+    resume: bool = RESUME_OPT,
 ) -> None:
-    """Embed every line of a text file and write a .npy array."""
-    import io
-
-    import numpy as np
-
+    """Embed every line of a text file and write a .npy array (row i = line i + 1)."""
     from .api import apply, resolve_model
-    from .errors import InputError
+    from .embed_file import EmbedOptions, embed_file
+    from .textio import check_output, count_lines
 
-    try:
-        texts = input.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(None, f"cannot read --input {input} as UTF-8 text: {exc}") from None
-    hf_model, tok, _ = resolve_model(model, device=device)
-    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend).encode(
-        texts, batch_size=batch_size, normalize_embeddings=normalize, show_progress_bar=progress)
-    buf = io.BytesIO()
-    np.save(buf, emb)
-    atomic_write_bytes(output, buf.getvalue())
-    typer.echo(f"wrote {output}: {emb.shape[0]} x {emb.shape[1]} float32")
+    count_lines(input)  # unreadable input or output: one error line before the model is loaded
+    check_output(output)
+    with quiet(not progress):
+        hf_model, tok, _ = resolve_model(model, device=device)
+    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume))
+    report = embed_file(emb, input, output, EmbedOptions(batch_size=batch_size, max_tokens=max_tokens,
+                                                         normalize=normalize, progress=progress))
+    typer.echo(f"wrote {output}: {report.rows} x {report.dim} float32")
 
 
 @app.command()
@@ -155,11 +145,20 @@ def demo(
 
 def main() -> None:
     """Entry point: TpsurgeryError becomes one clean line on stderr and exit code 2."""
+    import click
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.exceptions.ClickException as exc:  # usage errors: click's own message and exit code
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        typer.echo("\ninterrupted; embed and eval resume from their finished batches when rerun", err=True)
+        sys.exit(130)
     except TpsurgeryError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,30 @@ BACKEND_OPT = typer.Option("nnsight", "--backend", help="engine: nnsight, or tra
                            "shared)")
 
 
+RESUME_OPT = typer.Option(True, help="store embeddings in the embedding cache as batches finish and reuse them: a "
+                          "rerun after an interruption computes only what is missing ($TPSURGERY_CACHE/embeddings)")
+
+
+def open_cache(resume: bool) -> object:
+    """The CLI's embedding cache (None with ``--no-resume``); an unusable cache is one warning, not an error."""
+    if not resume:
+        return None
+    from .cache import EmbeddingCache
+
+    return EmbeddingCache()
+
+
+def quiet(on: bool):
+    """Silence the progress bars of transformers / huggingface_hub (model loading, GGUF conversion) while ``on``."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    from .resources import no_library_bars
+
+    return no_library_bars()
+
+
 def data_dirs(given: Optional[list[Path]], hub: bool = False) -> list[Path]:
     dirs = list(given or []) or [Path(p) for p in os.environ.get("TPSURGERY_DATA", "").split(os.pathsep) if p]
     if not dirs and not hub:
@@ -66,16 +90,18 @@ def _split_tasks(text: str, kind: str) -> list[str]:
 def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
               batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
               n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False,
-              backend: str = "nnsight", standardize: bool = True) -> None:
+              backend: str = "nnsight", standardize: bool = True, resume: bool = True) -> None:
     from .api import apply, resolve_model
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
     dirs = data_dirs(data, hub)
     names = _split_tasks(tasks, kind)
-    hf_model, tok, _ = resolve_model(model, device=device)
+    with quiet(not progress):
+        hf_model, tok, _ = resolve_model(model, device=device)
+    cache = open_cache(resume)
     runs = []
     for r in recipes:
-        emb = apply(hf_model, r, tokenizer=tok, backend=backend)
+        emb = apply(hf_model, r, tokenizer=tok, backend=backend, embedding_cache=cache)
         runs.append(evaluate(emb, names, dirs, model_name=model, limit=limit, batch_size=batch_size,
                              progress=progress, kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub,
                              standardize=standardize))
@@ -115,10 +141,11 @@ def eval_sts(
     output: Optional[Path] = OUT_OPT,
     markdown: Optional[Path] = MD_OPT,
     progress: bool = typer.Option(True, help="show progress bars"),
+    resume: bool = RESUME_OPT,
 ) -> None:
     """STS: cosine similarity, Spearman x100 (STS12-16 in the 'all' setting); unique sentences embedded once."""
     _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, device=device,
-              spread=spread, hub=hub, backend=backend)
+              spread=spread, hub=hub, backend=backend, resume=resume)
 
 
 @eval_app.command("transfer")
@@ -139,10 +166,11 @@ def eval_transfer(
     output: Optional[Path] = OUT_OPT,
     markdown: Optional[Path] = MD_OPT,
     progress: bool = typer.Option(True, help="show progress bars"),
+    resume: bool = RESUME_OPT,
 ) -> None:
     """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
     _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs,
-              device=device, spread=spread, backend=backend, standardize=standardize)
+              device=device, spread=spread, backend=backend, standardize=standardize, resume=resume)
 
 
 def sweep(
@@ -172,7 +200,8 @@ def sweep(
 
     _split_tasks(task, "sts")
     pairs = load_task(task, data_dirs(data_dir, hub), limit, spread, hub)
-    hf_model, tok, _ = resolve_model(model, device=device)
+    with quiet(not progress):
+        hf_model, tok, _ = resolve_model(model, device=device)
     res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
                     alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,
                     model_name=model, backend=backend, memory_gb=memory_gb)

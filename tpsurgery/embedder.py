@@ -22,6 +22,7 @@ from .arch import ArchSpec, arch_for, get_path
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
+from .batching import Progress, check_budget, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
@@ -135,20 +136,15 @@ class Embedder:
             preprocess=self.recipe.preprocessing, max_length=self.max_length, compat=self.recipe.compat, warn=warn,
         )
 
-    def batches(self, rows: Sequence[Encoded], batch_size: int, plan: Plan | None = None, exact_length: bool = False):
+    def batches(self, rows: Sequence[Encoded], batch_size: int, plan: Plan | None = None, exact_length: bool = False,
+                max_tokens: int | None = None):
         """Yield ``(indices, Batch)`` in descending length order (less padding); indices restore the order.
 
-        ``exact_length``: a batch holds rows of one length only (no pads at all; see :mod:`tpsurgery.prefix`).
+        A batch has at most ``batch_size`` rows and ``max_tokens`` padded positions (default: see
+        :mod:`tpsurgery.batching`). ``exact_length``: rows of one length only (no pads; see :mod:`tpsurgery.prefix`).
         """
         plan = plan or self.plan
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-        groups = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
-        if exact_length:
-            buckets: dict[int, list[int]] = {}
-            for i in order:
-                buckets.setdefault(len(rows[i].ids), []).append(i)
-            groups = [b[k: k + batch_size] for b in buckets.values() for k in range(0, len(b), batch_size)]
-        for idx in groups:
+        for idx in token_batches([len(r.ids) for r in rows], batch_size, max_tokens, exact_length):
             self.stats.count(len(idx), max(len(rows[i].ids) for i in idx), sum(len(rows[i].ids) for i in idx))
             yield idx, collate([rows[i] for i in idx], self.pad_id, plan.source, indices=idx,
                               hide_placeholders=plan.hide_placeholders)
@@ -158,22 +154,25 @@ class Embedder:
         self,
         sentences: str | Sequence[str],
         batch_size: int = 32,
-        show_progress_bar: bool | None = None,
+        show_progress_bar: Any = None,
         normalize_embeddings: bool = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
         all_layers: bool = False,
         plan: Plan | None = None,
+        max_tokens: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed one text (1-D result) or a list (``[n, d]``); float32 whatever the model's dtype.
 
         ``all_layers=True`` returns ``[n, M + 1, d]``: the pooled ``hidden_states[0..M]`` of one pass (M = exit
-        layer), for exit-layer sweeps. Duplicate texts are embedded once; batches are length-sorted.
+        layer), for exit-layer sweeps. Duplicate texts are embedded once; batches are length-sorted and hold at most
+        ``batch_size`` texts and ``max_tokens`` padded tokens (:mod:`tpsurgery.batching`). With an embedding cache,
+        each batch is stored as it finishes (one template; several: at the end of the call), so an interrupted call
+        resumes. ``show_progress_bar``: ``True``, or a caller's bar (``update(n)``) advanced by the call's texts.
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(self._check_texts(sentences))
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+        check_budget(batch_size, max_tokens)
         plan = plan or self.plan
         if not texts:
             d = get_path(self.model, self.spec.embed).weight.shape[1]
@@ -183,16 +182,25 @@ class Embedder:
             where = {t: i for i, t in enumerate(unique)}
             cached, key = self._cached(unique, plan, all_layers)
             todo = [t for t in unique if t not in cached]
-            if todo:
-                per_template = self._per_template(todo, texts, lambda t, cut: self._encode_unique(
-                    todo, t, batch_size, show_progress_bar, all_layers, plan, cut))[0]
-                new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
-                bad = _non_finite_rows(new)
-                if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
-                    warnings.warn(non_finite_message(_caller_indices(bad, todo, texts)), UserWarning, stacklevel=2)
-                if key is not None:
-                    self.embedding_cache.put(key, {t: new[i].numpy() for i, t in enumerate(todo) if i not in bad})
-                cached.update({t: new[i] for i, t in enumerate(todo)})
+            progress = Progress(show_progress_bar, len(texts), 1 / len(self.recipe.templates))
+            progress.advance(len(texts) - len(todo))  # duplicates and cached texts are done
+            store = None
+            if key is not None and len(self.recipe.templates) == 1:
+                def store(idx: list[int], values: torch.Tensor) -> None:
+                    self._store(key, [todo[i] for i in idx], values)
+            try:
+                if todo:
+                    per_template = self._per_template(todo, texts, lambda t, cut: self._encode_unique(
+                        todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store))[0]
+                    new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
+                    bad = _non_finite_rows(new)
+                    if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
+                        warnings.warn(non_finite_message(_caller_indices(bad, todo, texts)), UserWarning, stacklevel=2)
+                    if key is not None and store is None:
+                        self._store(key, todo, new)
+                    cached.update({t: new[i] for i, t in enumerate(todo)})
+            finally:
+                progress.close()
             out = torch.stack([torch.as_tensor(cached[t]) for t in unique])
             out = out[torch.tensor([where[t] for t in texts])]
         if normalize_embeddings:
@@ -203,8 +211,16 @@ class Embedder:
             return out
         return out.numpy()
 
+    def _store(self, key: str, texts: Sequence[str], values: torch.Tensor) -> None:
+        """Put the finite rows of ``values`` (one per text) into the embedding cache."""
+        ok = torch.isfinite(values.reshape(len(values), -1)).all(1).tolist()
+        good = {t: values[j].numpy() for j, t in enumerate(texts) if ok[j]}
+        if good:
+            self.embedding_cache.put(key, good)
+
     def encode_schedules(self, sentences: Sequence[str], plans: Sequence[Plan], batch_size: int = 32,
-                         share_layers: bool = True, show_progress_bar: bool | None = None, warn: bool = True) -> Any:
+                         share_layers: bool = True, show_progress_bar: Any = None, warn: bool = True,
+                         max_tokens: int | None = None) -> Any:
         """Every ``hidden_states[M]`` (M = 0..exit) of several plans, first layers they agree on computed once.
 
         For sweeps: TP [1, k) for k = 2..L agree on layers < k-1, so each row runs only the layers after its
@@ -226,6 +242,7 @@ class Embedder:
         from .sharing import LayerReads, run_shared, share_groups
 
         texts = self._check_texts(sentences)
+        check_budget(batch_size, max_tokens)
         unique = list(dict.fromkeys(texts))
         d = get_path(self.model, self.spec.embed).weight.shape[1]
         groups = share_groups(plans, share_layers and getattr(self.backend, "supports_resume", False))
@@ -235,16 +252,21 @@ class Embedder:
                 slots[r] = tuple(n + k for k in row)
             n += sharing.n_slots
         values = torch.zeros(len(unique), n, d)  # template results are added in place: no per-template copies
+        progress = Progress(show_progress_bar, len(unique), 1 / (len(groups) * len(self.recipe.templates)))
 
         def add_template(template: str, cut: set) -> None:
             off = 0
             for members, sharing in groups:
                 run = functools.partial(run_shared, self.backend, [plans[r] for r in members], sharing, d)
                 values[:, off: off + sharing.n_slots] += self._encode_rows(
-                    unique, template, batch_size, show_progress_bar, plans[members[0]], (sharing.n_slots, d), run, cut)
+                    unique, template, batch_size, progress, plans[members[0]], (sharing.n_slots, d), run, cut,
+                    max_tokens)
                 off += sharing.n_slots
 
-        truncated = self._per_template(unique, texts, add_template, warn)[1] if unique else []
+        try:
+            truncated = self._per_template(unique, texts, add_template, warn)[1] if unique else []
+        finally:
+            progress.close()
         values /= len(self.recipe.templates)
         bad = _caller_indices(_non_finite_rows(values), unique, texts)
         if bad and warn:
@@ -290,15 +312,19 @@ class Embedder:
             warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=3)
         return out, cut
 
-    def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated) -> torch.Tensor:
+    def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated, max_tokens=None,
+                       on_batch=None) -> torch.Tensor:
         d = get_path(self.model, self.spec.embed).weight.shape[1]
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
         return self._encode_rows(texts, template, batch_size, progress, plan, tail,
-                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated)
+                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
+                                 max_tokens, on_batch)
 
-    def _encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated) -> torch.Tensor:
+    def _encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
+                     on_batch=None) -> torch.Tensor:
         """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts``; rows back in order.
-        Adds the indices of truncated texts to ``truncated``."""
+        Adds the indices of truncated texts to ``truncated``; ``progress`` advances and ``on_batch(indices, values)``
+        is called as each batch finishes."""
         rows = self.tokenize(texts, template, warn=False)
         truncated.update(i for i, r in enumerate(rows) if r.truncated)
         prefix = self._prefix(rows, plan)  # the shared prompt prefix's keys/values, or None
@@ -308,12 +334,7 @@ class Embedder:
         buckets = prefix is not None and prefix.needs_buckets(max(len(r.ids) for r in rows))  # sliding windows
         out = torch.empty((len(texts), *tail), dtype=torch.float32)
         oom: dict = {}  # out-of-memory splits: the batch size that fits (tpsurgery.resources)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), desc="encode", unit="text")
-        for idx, batch in self.batches(rows, batch_size, plan, exact_length=buckets):
+        for idx, batch in self.batches(rows, batch_size, plan, exact_length=buckets, max_tokens=max_tokens):
             if plan.pooling == "mean":
                 empty = (batch.text_mask.sum(1) == 0).nonzero()
                 if len(empty):
@@ -324,11 +345,11 @@ class Embedder:
                                                       hide_placeholders=plan.hide_placeholders)
                 return run_batch(b, run_kw).cpu()
 
-            out[torch.tensor(idx)] = run_splitting(run, idx, oom)
-            if bar is not None:
-                bar.update(len(idx))
-        if bar is not None:
-            bar.close()
+            values = run_splitting(run, idx, oom)
+            out[torch.tensor(idx)] = values
+            if on_batch is not None:
+                on_batch(idx, values)
+            progress.advance(len(idx))
         return out
 
     def _prefix(self, rows: Sequence[Encoded], plan: Plan) -> Prefix | None:

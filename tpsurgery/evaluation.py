@@ -24,7 +24,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,18 +306,10 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` via a temporary file and rename: an interrupted run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` via a temporary file and rename: an interrupted run never leaves half a file (mode: umask)."""
+    from .textio import atomic_write
+
+    return atomic_write(path, text)
 
 
 def write_results(path: str | os.PathLike, runs: Sequence[dict[str, Any]]) -> Path:

@@ -135,3 +135,25 @@ def non_finite_message(indices: Sequence[int]) -> str:
     shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
     return (f"the embeddings of {len(indices)} input(s) are not finite (NaN or inf; inputs {shown}): the model "
             "overflowed or is broken; try float32 or bfloat16")
+
+
+@contextlib.contextmanager
+def no_library_bars() -> Iterator[None]:
+    """Silence every tqdm bar started inside (model loading and GGUF conversion in transformers and
+    huggingface_hub draw their own), then restore tqdm; for the CLI's ``--no-progress``.
+
+    >>> from tqdm import tqdm
+    >>> with no_library_bars():
+    ...     tqdm(range(3)).disable
+    True
+    """
+    import functools
+
+    from tqdm import std
+
+    init = std.tqdm.__init__
+    std.tqdm.__init__ = functools.partialmethod(init, disable=True)  # callers that pass disable= still decide
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init

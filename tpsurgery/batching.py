@@ -1,0 +1,88 @@
+"""Batches by a token budget, and the progress bar they move.
+
+A batch holds at most ``batch_size`` rows and at most ``max_tokens`` computed positions (rows x the width of its
+longest row, pads included). Rows are taken longest first, so one very long text runs alone (or with a few) instead
+of padding a whole batch of short ones to its length. The default budget is ``batch_size`` x twice the median row
+length of the call: ordinary texts fill whole batches as before; only outliers get smaller ones.
+
+>>> token_batches([3, 9, 2, 3, 40], batch_size=2, max_tokens=12)
+[[4], [1], [0, 3], [2]]
+>>> token_batches([5, 5, 4, 5], batch_size=3, max_tokens=None, exact_length=True)
+[[0, 1, 3], [2]]
+>>> default_budget([3, 3, 4, 50], batch_size=8)
+48
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Sequence
+
+from .errors import InputError
+
+
+def default_budget(lengths: Sequence[int], batch_size: int) -> int:
+    """``batch_size`` x twice the median length: the token budget when the caller gives none."""
+    return batch_size * 2 * max(1, int(statistics.median(lengths))) if lengths else batch_size
+
+
+def check_budget(batch_size: Any, max_tokens: Any) -> None:
+    """``InputError`` for a batch size or token budget that is not a positive integer."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise InputError(None, f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+
+
+def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
+                  exact_length: bool = False) -> list[list[int]]:
+    """Index groups, longest rows first: each at most ``batch_size`` rows and ``max_tokens`` padded positions (a row
+    longer than the budget runs alone). ``exact_length``: a group holds rows of one length only (no pads)."""
+    budget = max_tokens or default_budget(lengths, batch_size)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    runs = [order]
+    if exact_length:
+        buckets: dict[int, list[int]] = {}
+        for i in order:
+            buckets.setdefault(lengths[i], []).append(i)
+        runs = list(buckets.values())
+    groups: list[list[int]] = []
+    for run in runs:
+        group: list[int] = []
+        for i in run:
+            if group and (len(group) >= batch_size or (len(group) + 1) * lengths[group[0]] > budget):
+                groups.append(group)
+                group = []
+            group.append(i)
+        if group:
+            groups.append(group)
+    return groups
+
+
+class Progress:
+    """A progress bar over ``total`` texts that ``encode`` advances as batches finish, or none.
+
+    ``show``: ``True`` (a new tqdm bar), ``False``/``None`` (nothing), or a bar made by the caller (anything with
+    ``update(n)``, e.g. ``tqdm``) that spans several calls; ``share`` is the part of a text one pass is worth (1/T for
+    T templates, so the bar ends at the number of texts, not T times it).
+
+    >>> p = Progress(False, 3); p.advance(2); p.close()
+    """
+
+    def __init__(self, show: Any, total: int, share: float = 1.0, desc: str = "encode"):
+        self.share = share
+        self.owned = show is True
+        if self.owned:
+            from tqdm.auto import tqdm
+
+            self.bar: Any = tqdm(total=total, desc=desc, unit="text")
+        else:
+            self.bar = show if hasattr(show, "update") else None
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None and n:
+            self.bar.update(n * self.share if self.share != 1 else n)
+
+    def close(self) -> None:
+        if self.owned:
+            self.bar.close()

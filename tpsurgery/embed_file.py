@@ -1,0 +1,104 @@
+"""``tpsurgery embed``'s pipeline: a text file's lines -> a float32 ``.npy`` file, one row per line.
+
+Reader (:func:`~tpsurgery.textio.iter_lines`, lazy) -> chunks of ``chunk_lines`` lines -> ``Embedder.encode`` (token
+budget batches; with an embedding cache each finished batch is stored, so a rerun resumes) -> writer
+(:class:`~tpsurgery.textio.NpyWriter`, memory-mapped, renamed into place at the end). Memory is bounded by the chunk
+and the batch, not by the number of lines. Warnings name 1-based line numbers of the file.
+
+>>> import tempfile, pathlib, numpy as np, tpsurgery
+>>> from tpsurgery.testing import tiny_model
+>>> model, tok = tiny_model("llama")
+>>> emb = tpsurgery.apply(model, "prompt: '<PST> {text} means'", tokenizer=tok)
+>>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "in.txt").write_text("a b\\nc\\u2028d\\n\\n")
+>>> embed_file(emb, d / "in.txt", d / "out.npy", EmbedOptions(progress=False)).rows, np.load(d / "out.npy").shape
+(3, (3, 32))
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendError
+from .textio import NpyWriter, check_output, chunked, count_lines, iter_lines
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How ``embed_file`` runs: batch limits, L2 normalization, a progress bar, lines per ``encode`` call."""
+
+    batch_size: int = 32
+    max_tokens: int | None = None
+    normalize: bool = False
+    progress: bool = True
+    chunk_lines: int = 4096
+
+
+@dataclass
+class EmbedReport:
+    """What was written: rows, their width, and 1-based line numbers that were truncated or came out non-finite."""
+
+    rows: int = 0
+    dim: int = 0
+    truncated: list[int] = field(default_factory=list)
+    non_finite: list[int] = field(default_factory=list)
+
+
+def _lines(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+
+
+def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOptions = EmbedOptions()) -> EmbedReport:
+    """Embed every line of ``input`` with ``emb`` into ``output`` (see the module doc). Unwritable outputs and a full
+    disk fail before any embedding is computed; all-non-finite output is an error and nothing is written."""
+    n = count_lines(input)
+    output = check_output(output)
+    report = EmbedReport(rows=n, dim=int(emb.encode([]).shape[-1]))
+    bar = None
+    if options.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="embed", unit="line")
+    try:
+        with NpyWriter(output, (n, report.dim)) as writer:
+            for start, lines in chunked(iter_lines(input), options.chunk_lines):
+                writer.write(start, _encode_chunk(emb, lines, start, options, bar, report))
+            if n and len(report.non_finite) == n:
+                raise BackendError(f"the embeddings of all {n} lines are NaN or inf: the model overflowed or is "
+                                   "broken (try float32 or bfloat16); nothing was written")
+            writer.commit()
+    finally:
+        if bar is not None:
+            bar.close()
+    if report.truncated:
+        warnings.warn(f"{len(report.truncated)} line(s) truncated to the model's limit of {emb.max_length} tokens "
+                      f"(the end of the sentence is dropped; lines {_lines(report.truncated)})", UserWarning, 2)
+    if report.non_finite:
+        warnings.warn(f"the embeddings of {len(report.non_finite)} line(s) are not finite (NaN or inf; lines "
+                      f"{_lines(report.non_finite)}): the model overflowed or is broken; try float32 or bfloat16",
+                      UserWarning, 2)
+    return report
+
+
+def _encode_chunk(emb: Any, lines: list[str], start: int, options: EmbedOptions, bar: Any,
+                  report: EmbedReport) -> np.ndarray:
+    """One ``encode`` call; its warnings (which number the chunk's inputs) become the report's line numbers."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = emb.encode(lines, batch_size=options.batch_size, max_tokens=options.max_tokens,
+                         normalize_embeddings=options.normalize, show_progress_bar=bar if bar is not None else False)
+    for w in caught:
+        text = str(w.message)
+        if "truncated to the model's limit" in text:
+            cut = {i for t in emb.recipe.templates for i, r in enumerate(emb.tokenize(lines, t, warn=False))
+                   if r.truncated}
+            report.truncated.extend(start + i + 1 for i in sorted(cut))
+        elif "are not finite" not in text:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    bad = np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(1))
+    report.non_finite.extend(start + int(i) + 1 for i in bad)
+    return out

@@ -1,0 +1,226 @@
+"""Input lines and output files of the CLI: read lazily, checked before the work, written atomically.
+
+Lines are separated by ``'\\n'`` only; a ``'\\r'`` ending a line (CRLF files) is dropped and a UTF-8 byte-order mark
+opening the file is not text. Nothing else splits a line (U+2028, U+0085, form feed, ``\\x1c``-``\\x1e``, a lone
+``'\\r'`` stay inside it), so row ``i`` of the output is line ``i + 1`` of the file and there are as many rows as
+lines (a last line without ``'\\n'`` counts; an empty file has none).
+
+>>> import tempfile, pathlib
+>>> p = pathlib.Path(tempfile.mkdtemp()) / "in.txt"
+>>> _ = p.write_bytes("\\ufeffa\\r\\nb\\x0cc\\u2028d\\rX\\n\\nlast".encode())
+>>> list(iter_lines(p)), count_lines(p)
+(['a', 'b\\x0cc\\u2028d\\rX', '', 'last'], 4)
+>>> [(start, len(c)) for start, c in chunked(iter(range(5)), 2)]
+[(0, 2), (2, 2), (4, 1)]
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import itertools
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import InputError
+
+_BOM = codecs.BOM_UTF8
+
+
+def _unreadable(path: Path, why: Any) -> InputError:
+    return InputError(None, f"cannot read --input {path} as UTF-8 text: {why}")
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 text file, one at a time (see the module doc for what a line is)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with f:
+        for n, raw in enumerate(f):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+            if n == 0 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _unreadable(path, f"line {n + 1}: {exc}") from None
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """How many lines :func:`iter_lines` yields, counted without decoding (a fast pass over the bytes)."""
+    path = Path(path)
+    n, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    return n + (last != b"\n")
+
+
+def chunked(items: Iterator[Any], size: int) -> Iterator[tuple[int, list]]:
+    """``(offset, up to size items)`` from an iterator, without reading ahead more than one chunk."""
+    start = 0
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if not chunk:
+            return
+        yield start, chunk
+        start += len(chunk)
+
+
+# ------------------------------------------------------------------------------------------------------- output
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_orphans(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove temporary files (``.NAME.PID.xxx.tmp``) left in ``folder`` by killed runs (their process is gone)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        if m and (name is None or m["name"] == name) and not _pid_alive(int(m["pid"])):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
+
+
+def temp_file(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new temporary file beside ``path`` named ``.NAME.PID.xxx.tmp`` (so later runs can clean orphans)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
+    return fd, Path(tmp)
+
+
+def _write_error(path: Path, exc: OSError) -> InputError:
+    why = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large for this file system / limit",
+           errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or exc)
+    return InputError(None, f"cannot write --output {path}: {why}")
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """Fail before any work when ``path`` cannot be written: a folder, a folder that cannot be made or written to.
+    Orphaned temporary files of ``path`` from killed runs are removed."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(None, f"--output {path} is a folder; give a file name, e.g. {path / 'embeddings.npy'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file(path)
+        os.close(fd)
+        tmp.unlink()
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    clean_orphans(path.parent, path.name)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` via a temporary file and a rename (an interrupt never leaves half a file); the new file's mode
+    follows the umask, as a plain ``open`` would."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class NpyWriter:
+    """A float32 ``.npy`` array of ``shape`` written in place, row ranges at a time, then renamed onto ``path``.
+
+    The space is reserved up front (a full disk fails before the work); rows go straight to a memory-mapped
+    temporary file, so memory does not grow with the number of rows. ``commit`` renames it into place; leaving the
+    ``with`` block without ``commit`` removes it.
+
+    >>> import tempfile, pathlib, numpy as np
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "e.npy"
+    >>> with NpyWriter(out, (3, 2)) as w:
+    ...     w.write(0, np.ones((2, 2))); w.write(2, np.zeros((1, 2))); _ = w.commit()
+    >>> np.load(out).tolist()
+    [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...]):
+        import numpy as np
+
+        self.path = Path(path)
+        fd, self.tmp = temp_file(self.path)
+        os.close(fd)
+        try:
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
+            with open(self.tmp, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if hasattr(os, "posix_fallocate") and size:
+                    os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise _write_error(self.path, exc) from None
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, start: int, rows: Iterable[Any]) -> None:
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.float32)
+        self.array[start: start + len(rows)] = rows
+
+    def commit(self) -> Path:
+        """Flush and rename into place. On failure the rows stay in the temporary file, whose path the error names."""
+        try:
+            self.array.flush()
+            del self.array
+            os.chmod(self.tmp, umask_mode())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            err = _write_error(self.path, exc)
+            raise InputError(None, f"{err}; the embeddings are kept in {self.tmp}") from None
+        return self.path
+
+    def __enter__(self) -> "NpyWriter":
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        if hasattr(self, "array"):  # not committed: remove the temporary file
+            del self.array
+            self.tmp.unlink(missing_ok=True)
