@@ -10,7 +10,6 @@ probes), never from the engine's own prompt/plan code.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from prop_support import Probe, Row, byte_encode, left_pad, max_length, model_for, pool_rows, reference_hidden
+from tpsurgery.batching import token_batches
 from strategies import archs, batch_sizes, engine_recipes, scaled, sentence_lists, sentences, templates
 from tpsurgery.testing import PAD
 
@@ -195,8 +195,9 @@ def test_engine_semantics_against_hook_reference(data):
     emb = plain_embedder(model, recipe, tok)
     with Probe(model) as probe:
         out = emb.encode(texts, batch_size=bs, convert_to_tensor=True)
-    n_unique = len(dict.fromkeys(texts))
-    n_calls = len(recipe.templates) * math.ceil(n_unique / bs)
+    unique = list(dict.fromkeys(texts))  # batches: at most bs rows and the default token budget (tpsurgery.batching)
+    n_calls = sum(len(token_batches([len(r.ids) for r in emb.tokenize(unique, t, warn=False)], bs))
+                  for t in recipe.templates)
     assert len(probe.calls) == n_calls, "one forward per batch per template"
     # property 4: call counts (forward PRE hooks; a layer's body = its sub-modules)
     for i in range(n):

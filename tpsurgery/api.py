@@ -21,6 +21,7 @@ from .embedder import Embedder
 from .errors import ModelError
 from .models import DEFAULT_MODEL, load_model
 from .recipe import Recipe, load_recipe, parse_recipe
+from .versions import check_versions
 
 BACKENDS = ("nnsight", "transformer_lens")
 ACCEPTED = (
@@ -82,9 +83,13 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
     no gain, docs/performance.md);
     ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk.
 
+    Refuses (:class:`ModelError`) a transformers or nnsight outside the verified versions
+    (:data:`tpsurgery.versions.VERIFIED`).
+
     ``backend``: ``nnsight`` (default) or ``transformer_lens`` (default for a ``TransformerBridge``; for any other
     model it bridges a copy, see :mod:`tpsurgery.backends.tl_backend`).
     """
+    check_versions()  # a transformers / nnsight outside the verified range could give wrong numbers silently
     recipe = as_recipe(recipe)
     from .backends.tl_backend import is_bridge
 

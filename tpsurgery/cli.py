@@ -143,6 +143,9 @@ def demo(
                    f"unrelated (0,4) (2,4): {sim[0, 4]:.3f} {sim[2, 4]:.3f}")
 
 
+INTERRUPTED = "\ninterrupted; embed and eval resume from their finished batches when rerun"
+
+
 def main() -> None:
     """Entry point: TpsurgeryError becomes one clean line on stderr and exit code 2."""
     import click
@@ -153,11 +156,13 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        typer.echo("\ninterrupted; embed and eval resume from their finished batches when rerun", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except TpsurgeryError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    if code == 130:  # typer turns Ctrl-C into a silent Exit(130)
+        typer.echo(INTERRUPTED, err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

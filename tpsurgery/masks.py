@@ -26,6 +26,7 @@ import torch
 
 from .errors import ModelError, RecipeError
 from .placement import input_device
+from .versions import cache_kwarg
 from .plan import Batch, Plan
 
 MaskFn = Callable[[Any, Any, Any, Any], Any]
@@ -129,8 +130,8 @@ def layer_masks(model: Any, plan: Plan, batch: Batch) -> dict[int, Any]:
     dtype, device = next(model.parameters()).dtype, input_device(model)  # accelerate moves masks to later layers
     b, length = batch.input_ids.shape
     shape_only = torch.empty((b, length, 1), dtype=dtype, device=device)
-    kw = dict(config=model.config, inputs_embeds=shape_only, attention_mask=batch.attention_mask.to(device),
-              cache=None, position_ids=batch.position_ids.to(device))
+    kw = {"config": model.config, "inputs_embeds": shape_only, "attention_mask": batch.attention_mask.to(device),
+          cache_kwarg(): None, "position_ids": batch.position_ids.to(device)}
     out: dict[int, Any] = {}
     built: dict[tuple, Any] = {}
     for i in sorted(set(plan.mask_layers) | set(plan.bidirectional_layers)):

@@ -53,12 +53,28 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+CHECKSUMS = "tpsurgery-checksums.json"
+
+
 def _converted_copy(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically)."""
+    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically). A copy whose
+    weights no longer match the checksums recorded at conversion (truncated, garbled) is converted again."""
+    import warnings
+
     check_cache_dir(cache_dir())
     target = cache_dir() / "models" / gguf.stem
     if (target / "config.json").exists():
-        return target
+        if not (target / CHECKSUMS).exists():  # converted by tpsurgery < 0.1 (atomically): recorded on first use
+            try:
+                record_checksums(target)
+            except OSError:
+                pass
+        bad = verify_converted(target)
+        if bad is None:
+            return target
+        warnings.warn(f"the converted model {target} is damaged ({bad}); converting {gguf} again", UserWarning,
+                      stacklevel=3)
+        _discard(target)
     model, tokenizer = _load_gguf(gguf, torch.float32)
     # The GGUF quantizer marks the model non-serializable although the weights are dense float32 now.
     model.hf_quantizer = None
@@ -71,10 +87,14 @@ def write_converted(model: Any, tokenizer: Any, target: Path) -> Path:
     """Save ``model`` (safetensors only) and ``tokenizer`` to ``target`` atomically: a temporary folder renamed into
     place, so an interrupt never leaves half a model. Folders are 0o755 and files 0o644 whatever the umask."""
     make_dirs(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    from .textio import clean_orphans
+
+    clean_orphans(target.parent)  # what a killed conversion left behind
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        record_checksums(tmp)
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
         os.chmod(tmp, 0o755)
@@ -86,6 +106,65 @@ def write_converted(model: Any, tokenizer: Any, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_checksums(folder: Path) -> None:
+    """Write the SHA-256 of every weight file (``*.safetensors``) of a converted model to ``tpsurgery-checksums.json``."""
+    import json
+
+    from .textio import atomic_write
+
+    sums = {f.name: _sha256(f) for f in sorted(Path(folder).glob("*.safetensors"))}
+    os.chmod(atomic_write(Path(folder) / CHECKSUMS, json.dumps(sums, indent=1) + "\n"), 0o644)
+
+
+def verify_converted(folder: Path) -> str | None:
+    """None if every weight file matches the recorded checksums, else what is wrong (naming the file).
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "model.safetensors").write_bytes(b"weights")
+    >>> record_checksums(d); verify_converted(d) is None
+    True
+    >>> _ = (d / "model.safetensors").write_bytes(b"weighty"); verify_converted(d)  # doctest: +ELLIPSIS
+    '.../model.safetensors does not match the checksum recorded at conversion'
+    """
+    import json
+
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{folder / CHECKSUMS} is missing or unreadable"
+    if not sums or set(sums) != {f.name for f in folder.glob("*.safetensors")}:
+        return f"its weight files are not those recorded in {CHECKSUMS}"
+    for name, digest in sums.items():
+        try:
+            ok = _sha256(folder / name) == digest
+        except OSError as exc:
+            return f"{folder / name} cannot be read: {exc}"
+        if not ok:
+            return f"{folder / name} does not match the checksum recorded at conversion"
+    return None
+
+
+def _discard(target: Path) -> None:
+    """Move a damaged converted folder out of the way (renamed first, so no reader sees half of it), then delete it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.replace(target, aside / target.name)
+    except OSError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def make_dirs(path: Path) -> None:

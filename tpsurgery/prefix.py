@@ -26,6 +26,7 @@ import torch
 
 from .errors import BackendError
 from .placement import input_device
+from .versions import cache_kwarg
 from .plan import Batch
 from .prompts import Encoded
 
@@ -112,8 +113,8 @@ class Prefix:
             input_ids=batch.input_ids.to(device),
             attention_mask=torch.cat([ones, batch.attention_mask], 1).to(device),
             position_ids=(batch.position_ids + self.length).to(device),
-            cache=self.cache_for(b),
             use_cache=True,
+            **{cache_kwarg(): self.cache_for(b)},  # `cache` from transformers 5.2x, `past_key_values` before
         )
 
 
@@ -133,7 +134,7 @@ def compute_prefix(model: Any, ids: Sequence[int]) -> Prefix | None:
     except Exception as exc:  # like the backends: one error family, the original kept as the cause
         raise BackendError(f"computing the prompt prefix ({len(ids)} tokens) failed: {type(exc).__name__}: {exc}") \
             from exc
-    cache = out.get("cache", None) if hasattr(out, "get") else None
+    cache = out.get(cache_kwarg(), None) if hasattr(out, "get") else None
     if cache is None:
         cache = getattr(out, "past_key_values", None)
     if not isinstance(cache, Cache) or not all(isinstance(layer, DynamicLayer) for layer in cache.layers):

@@ -384,6 +384,9 @@ def load_recipe(path: str | Path) -> Recipe:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError("<recipe>", f"cannot read {p} as UTF-8 text: {exc}") from None
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+        raise RecipeError("<recipe>", f"{p} is empty (an empty file is not the default recipe; write at least one "
+                                      "field, e.g. `exit_layer: -1`, or name a shipped recipe)")
     try:
         recipe = parse_recipe(text)
     except RecipeError as exc:

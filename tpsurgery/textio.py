@@ -21,6 +21,7 @@ import errno
 import itertools
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -102,7 +103,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_orphans(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove temporary files (``.NAME.PID.xxx.tmp``) left in ``folder`` by killed runs (their process is gone)."""
+    """Remove temporary files and folders (``.NAME.PID.xxx.tmp``) left in ``folder`` by killed runs (whose process
+    is gone): half-written outputs, half-converted models."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -112,7 +114,10 @@ def clean_orphans(folder: Path, name: str | None = None) -> list[Path]:
         m = _TMP.match(entry.name)
         if m and (name is None or m["name"] == name) and not _pid_alive(int(m["pid"])):
             try:
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
             except OSError:
                 pass
