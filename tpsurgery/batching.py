@@ -71,7 +71,7 @@ class Progress:
 
     def __init__(self, show: Any, total: int, share: float = 1.0, desc: str = "encode"):
         self.share = share
-        self.owned = show is True
+        self.owned = bool(show) and not hasattr(show, "update")
         if self.owned:
             from tqdm.auto import tqdm
 
@@ -79,9 +79,10 @@ class Progress:
         else:
             self.bar = show if hasattr(show, "update") else None
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, whole: bool = False) -> None:
+        """``n`` rows of one pass done (``whole``: ``n`` texts done outright, e.g. found in the cache)."""
         if self.bar is not None and n:
-            self.bar.update(n * self.share if self.share != 1 else n)
+            self.bar.update(n if whole or self.share == 1 else n * self.share)
 
     def close(self) -> None:
         if self.owned:

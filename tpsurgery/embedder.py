@@ -183,7 +183,7 @@ class Embedder:
             cached, key = self._cached(unique, plan, all_layers)
             todo = [t for t in unique if t not in cached]
             progress = Progress(show_progress_bar, len(texts), 1 / len(self.recipe.templates))
-            progress.advance(len(texts) - len(todo))  # duplicates and cached texts are done
+            progress.advance(len(texts) - len(todo), whole=True)  # duplicates and cached texts are done
             store = None
             if key is not None and len(self.recipe.templates) == 1:
                 def store(idx: list[int], values: torch.Tensor) -> None:

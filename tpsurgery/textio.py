@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from .errors import InputError
 
@@ -57,14 +57,24 @@ def iter_lines(path: str | os.PathLike) -> Iterator[str]:
 
 
 def count_lines(path: str | os.PathLike) -> int:
-    """How many lines :func:`iter_lines` yields, counted without decoding (a fast pass over the bytes)."""
+    """How many lines :func:`iter_lines` yields, in one fast pass over the bytes that also checks they are UTF-8
+    (so a bad file fails before any model is loaded)."""
     path = Path(path)
     n, last = 0, b"\n"
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    line = n + block[: max(exc.start, 0)].count(b"\n") + 1
+                    raise _unreadable(path, f"line {line}: {exc}") from None
                 n += block.count(b"\n")
                 last = block[-1:]
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise _unreadable(path, f"line {n + 1}: {exc}") from None  # a multi-byte character cut at the end
     except OSError as exc:
         raise _unreadable(path, exc) from None
     return n + (last != b"\n")
@@ -173,9 +183,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 class NpyWriter:
     """A float32 ``.npy`` array of ``shape`` written in place, row ranges at a time, then renamed onto ``path``.
 
-    The space is reserved up front (a full disk fails before the work); rows go straight to a memory-mapped
-    temporary file, so memory does not grow with the number of rows. ``commit`` renames it into place; leaving the
-    ``with`` block without ``commit`` removes it.
+    The space is reserved up front (a full disk fails before the work); rows are written straight to their place in
+    a temporary file (no mapping: memory does not grow with the number of rows). ``commit`` renames it into place;
+    leaving the ``with`` block without ``commit`` removes it.
 
     >>> import tempfile, pathlib, numpy as np
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "e.npy"
@@ -189,43 +199,66 @@ class NpyWriter:
         import numpy as np
 
         self.path = Path(path)
+        self.shape = tuple(shape)
+        self.row_bytes = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
         fd, self.tmp = temp_file(self.path)
-        os.close(fd)
+        self.file: Any = os.fdopen(fd, "r+b")
         try:
-            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
-            with open(self.tmp, "r+b") as f:
-                size = os.fstat(f.fileno()).st_size
-                if hasattr(os, "posix_fallocate") and size:
-                    os.posix_fallocate(f.fileno(), 0, size)
+            header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self.file, header)
+            self.offset = self.file.tell()
+            size = self.offset + self.row_bytes * self.shape[0]
+            if hasattr(os, "posix_fallocate") and size:
+                os.posix_fallocate(self.file.fileno(), 0, size)
+            else:
+                self.file.truncate(size)
         except OSError as exc:
-            self.tmp.unlink(missing_ok=True)
+            self._remove()
             raise _write_error(self.path, exc) from None
         except BaseException:
-            self.tmp.unlink(missing_ok=True)
+            self._remove()
             raise
 
-    def write(self, start: int, rows: Iterable[Any]) -> None:
+    def write(self, start: int, rows: Any) -> None:
+        """Rows ``start .. start + len(rows)`` of the array."""
         import numpy as np
 
-        rows = np.asarray(rows, dtype=np.float32)
-        self.array[start: start + len(rows)] = rows
+        rows = np.ascontiguousarray(rows, dtype="<f4")
+        self.file.seek(self.offset + start * self.row_bytes)
+        try:
+            self.file.write(rows.tobytes())
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
 
     def commit(self) -> Path:
         """Flush and rename into place. On failure the rows stay in the temporary file, whose path the error names."""
         try:
-            self.array.flush()
-            del self.array
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
             os.chmod(self.tmp, umask_mode())
             os.replace(self.tmp, self.path)
         except OSError as exc:
+            if self.file is not None:  # keep what was written: the error says where
+                try:
+                    self.file.close()
+                except OSError:
+                    pass
+                self.file = None
             err = _write_error(self.path, exc)
-            raise InputError(None, f"{err}; the embeddings are kept in {self.tmp}") from None
+            raise InputError(None, f"{err}; the embeddings computed so far are kept in {self.tmp}") from None
         return self.path
+
+    def _remove(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "NpyWriter":
         return self
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
-        if hasattr(self, "array"):  # not committed: remove the temporary file
-            del self.array
-            self.tmp.unlink(missing_ok=True)
+        if self.file is not None:  # not committed: remove the temporary file
+            self._remove()
