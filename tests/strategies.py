@@ -80,11 +80,47 @@ def _spans(draw, n_layers: int, max_spans: int = 2):
 
 
 @st.composite
-def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=None, edits: bool = False):
+def surgery_sections(draw, n_layers: int, has_marker: bool, max_edits: int = 3) -> dict:
+    """A random ``runs`` + ``edits`` section (row ops at every row site; issue 12): what a researcher might write."""
+    out: dict = {}
+    if draw(st.booleans()):
+        out["runs"] = {"aux": "q" + draw(templates(markers=False))}
+    edits = []
+    for _ in range(draw(st.integers(1, max_edits))):
+        site = draw(st.sampled_from(["embed", "layer_in", "attn_out_in", "layer_out"]))
+        op = draw(st.sampled_from(["write", "copy", "scale", "recover_norm"] + (["add", "subtract"] if "runs" in out else [])))
+        e: dict = {"site": site, "op": op}
+        if site != "embed":
+            e["layers"] = draw(st.integers(0, n_layers - 1) | st.lists(st.integers(0, n_layers - 1), min_size=1,
+                                                                        max_size=2, unique=True))
+        rows = ["last", -1] + (["placeholders"] if has_marker and op not in ("add", "subtract") else [])
+        e["rows"] = draw(st.sampled_from(rows))
+        if site == "attn_out_in" and draw(st.booleans()):
+            e["heads"] = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
+        if op == "write":
+            e["value"] = draw(st.sampled_from(["zeros", "ones", "uniform", "gaussian"]))
+            e["seed"] = draw(st.integers(0, 99))
+        elif op == "copy":
+            e["alpha"] = draw(st.sampled_from([1.0, 0.5]) | st.floats(0, 1))
+        elif op == "scale":
+            e["factor"] = draw(st.sampled_from([2.0, -1.0, 0.0]) | st.floats(-3, 3))
+        elif op == "recover_norm":
+            e["eps"] = draw(st.sampled_from([0.0, 1e-7]))
+        else:
+            e["run"] = "aux"
+        edits.append(e)
+    out["edits"] = edits
+    return out
+
+
+@st.composite
+def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=None, edits: bool = False,
+                   surgery: bool = False):
     """A recipe mapping valid for a model with ``n_layers`` decoder layers and the tiny 260-token vocabulary.
 
     ``masks``: also draw attention edits (placeholder.mask first_layer, attention.bidirectional); default: only when
     tpsurgery/masks.py exists. ``edits``: always a placeholder and an attention edit (for the mask properties).
+    ``surgery``: half of the recipes also carry a random ``runs`` / ``edits`` section (:func:`surgery_sections`).
     """
     masks = MASKS_LANDED if masks is None else masks
     many = draw(st.integers(1, 5)) == 1
@@ -129,6 +165,8 @@ def engine_recipes(draw, n_layers: int = 4, masks: bool | None = None, pooling=N
                 a, b = sorted(draw(st.lists(st.integers(0, n_layers), min_size=2, max_size=2, unique=True)))
                 att["layers"] = {"start": a, "stop": b}
             r["attention"] = att
+    if surgery and draw(st.booleans()):
+        r.update(draw(surgery_sections(n_layers, has_marker and not many)))
     return r
 
 

@@ -21,7 +21,7 @@ D = 32
 def test_shapes_and_dtypes(data):
     """(n, d) float32 numpy or tensor; 1-D for a str; (n, M+1, d) for all_layers, whose slices are the exit reads."""
     arch = data.draw(archs(), label="arch")
-    recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(), label="recipe"))
+    recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(surgery=True), label="recipe"))
     model, tok = model_for(arch)
     texts = data.draw(sentence_lists(min_size=0, max_size=5, long=False), label="texts")
     per_t = [expected_rows(recipe, t, texts, model, False) for t in recipe.templates]

@@ -45,6 +45,8 @@ def schedules(draw, n_layers: int = N):
     if draw(st.integers(0, 3)) == 0:
         change["placeholder"] = {"init": draw(st.sampled_from(["token", "zeros", "ones"])),
                                  "mask": draw(st.sampled_from(["none", "first_layer"]))}
+    if draw(st.integers(0, 2)) == 0:  # plans that differ in their edit lists (the base recipe's `edits` section)
+        change["edits_from"] = draw(st.integers(0, 3))
     return change
 
 
@@ -53,7 +55,7 @@ def schedules(draw, n_layers: int = N):
 def test_shared_runs_equal_one_run_per_plan(data):
     arch = data.draw(archs(), label="arch")
     model, tok = model_for(arch)
-    base = tpsurgery.parse_recipe(data.draw(engine_recipes(n_layers=N), label="recipe"))
+    base = tpsurgery.parse_recipe(data.draw(engine_recipes(n_layers=N, surgery=True), label="recipe"))
     changes = data.draw(st.lists(schedules(), min_size=1, max_size=5), label="schedules")
     texts = data.draw(sentence_lists(max_size=4, long=False), label="texts")
     bs = data.draw(batch_sizes(), label="batch size")
@@ -65,6 +67,9 @@ def test_shared_runs_equal_one_run_per_plan(data):
         tp = {**r.tp.model_dump(), **c["tp"]}
         try:
             extra = {k: c[k] for k in ("attention", "pooling") if k in c}
+            if "edits_from" in c:  # keep only the edits of layers >= edits_from
+                extra["edits"] = [d for d, e in zip(r.to_dict().get("edits", []), r.edits)
+                                  if e.site == "embed" or e.layer_list()[0] >= c["edits_from"]]
             if "placeholder" in c:
                 extra["placeholder"] = {**r.placeholder.model_dump(), **c["placeholder"]}
             recipes.append(r.replace(tp={k: v for k, v in tp.items() if k not in ("start", "stop")},
@@ -72,7 +77,7 @@ def test_shared_runs_equal_one_run_per_plan(data):
         except tpsurgery.RecipeError:  # e.g. a bidirectional span that starts at a placeholder the prompt lacks
             pass
     assume(recipes)
-    plans = [compile_plan(r, N, d, emb.placeholder_id) for r in recipes]
+    plans = [emb.plan_for(r) for r in recipes]
     try:
         want = [emb.encode(texts, batch_size=bs, all_layers=True, plan=p, convert_to_tensor=True) for p in plans]
     except tpsurgery.TpsurgeryError:

@@ -58,7 +58,7 @@ def check_same(before: Snapshot, model, logits_before):
 @scaled(0.67)
 def test_model_untouched_after_apply_and_encode(data):
     arch = data.draw(archs(), label="arch")
-    recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(), label="recipe"))
+    recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(surgery=True), label="recipe"))
     model, tok = model_for(arch)
     texts = data.draw(sentence_lists(max_size=4, long=False), label="texts")
     assume(all(valid(recipe, expected_rows(recipe, t, texts, model, False)) for t in recipe.templates))
@@ -83,7 +83,7 @@ def test_model_untouched_after_a_failure_mid_batch(data):
     """A layer that raises on its 2nd call (2nd batch): the error surfaces, nothing is left on the model, and the
     same embedder gives the same embeddings afterwards."""
     arch = data.draw(archs(), label="arch")
-    recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(), label="recipe"))
+    recipe = tpsurgery.parse_recipe(data.draw(engine_recipes(surgery=True), label="recipe"))
     model, tok = model_for(arch)
     m = resolve_exit(recipe.exit_layer, 4)
     assume(m >= 1)

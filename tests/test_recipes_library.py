@@ -96,6 +96,8 @@ def test_recipes_list_prints_every_recipe_with_its_description():
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_runs_and_equals_the_hook_oracle(name):
     recipe = load_recipe(name)
+    if recipe.edits:
+        pytest.skip("an `edits` section: checked against the edit-list and CP oracles (test_prop_edits.py, test_cp.py)")
     # spread the library over the families; the 32-layer resume recipes share one Llama
     arch = "llama" if recipe.tp.resume is not None else ARCHS[NAMES.index(name) % len(ARCHS)]
     emb = embedder(name, arch)

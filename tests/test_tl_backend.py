@@ -213,7 +213,7 @@ def test_a_users_bridge_is_left_as_found_also_after_a_failure():
         assert _bridge_state(bridge) == before
     assert seen, "the user's own hook stays installed and fires"
     good = next(iter(emb.batches(emb.tokenize(["a b", "xyz"], emb.recipe.templates[0]), 2)))[1]
-    bad = type(good)(**{**good.__dict__, "source": good.source + 99})  # the TP hook of layer 1 fails mid-run
+    bad = type(good)(**{**good.__dict__, "placeholders": good.placeholders + 99})  # the TP hook of layer 1 fails mid-run
     with pytest.raises(BackendError, match="Qwen2ForCausalLM"):
         emb.backend.run(emb.plan, bad)
     assert _bridge_state(bridge) == before

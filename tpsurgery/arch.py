@@ -24,13 +24,16 @@ class ArchSpec:
 
     ``layers``: the ``ModuleList`` of decoder layers; ``embed``: the token-embedding module (its output rows are where
     placeholders get their initial vectors); ``norm``: the final norm whose output HF reports as the last
-    ``hidden_states`` entry; ``tuple_output``: the decoder layer returns a tuple whose first item is the hidden state.
+    ``hidden_states`` entry; ``tuple_output``: the decoder layer returns a tuple whose first item is the hidden state;
+    ``attn_out``: path *from a decoder layer* to the attention output projection, whose input is the concatenated
+    head outputs (edit site ``attn_out_in``; None: the family has none that tpsurgery knows).
     """
 
     layers: str
     embed: str
     norm: str
     tuple_output: bool = False
+    attn_out: str | None = "self_attn.o_proj"
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "model.embed_tokens", "model.norm")
@@ -43,10 +46,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "stablelm", "starcoder2", "smollm3",
         )
     },
-    "gpt2": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
-    "opt": ArchSpec("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm"),
-    "falcon": ArchSpec("transformer.h", "transformer.word_embeddings", "transformer.ln_f", tuple_output=True),
+    "gpt2": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", attn_out="attn.c_proj"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm",
+                         attn_out="attention.dense"),
+    "opt": ArchSpec("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
+                    attn_out="self_attn.out_proj"),
+    "falcon": ArchSpec("transformer.h", "transformer.word_embeddings", "transformer.ln_f", tuple_output=True,
+                       attn_out="self_attention.dense"),
 }
 
 
@@ -68,6 +74,16 @@ def _has_path(root: Any, path: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def attn_out_module(spec: ArchSpec, layer: Any, index: int, field: str = "edits") -> Any:
+    """The attention output projection of one decoder layer (a module or an nnsight envoy), or a ModelError."""
+    if spec.attn_out is None or not _has_path(layer, spec.attn_out):
+        where = f"has no {spec.attn_out!r}" if spec.attn_out else "names no attention output projection"
+        raise ModelError(f"recipe field `{field}`: site attn_out_in needs the attention output projection of decoder "
+                         f"layer {index}, but this architecture's table entry {where}; register one with "
+                         "tpsurgery.register_architecture(model_type, ArchSpec(..., attn_out='path.from.layer'))")
+    return get_path(layer, spec.attn_out)
 
 
 def arch_for(model: Any) -> ArchSpec:

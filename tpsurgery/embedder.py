@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .arch import ArchSpec, arch_for, get_path
+from .arch import ArchSpec, arch_for, attn_out_module, get_path
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
@@ -118,7 +118,7 @@ class Embedder:
             from .sweep import resolve_auto_exit
 
             exit_layer = resolve_auto_exit(model, recipe)
-        self.plan: Plan = compile_plan(recipe, self.n_layers, hidden, self.placeholder_id, exit_layer=exit_layer)
+        self.plan: Plan = self.plan_for(recipe, exit_layer)
         self.max_length = _max_length(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None and pad < vocab else 0
@@ -127,6 +127,21 @@ class Embedder:
         self.embedding_cache = as_cache(embedding_cache)
         self._prefixes = PrefixStore(model)
         self.stats = EncodeStats()
+
+    def plan_for(self, recipe: Recipe, exit_layer: int | None = None) -> Plan:
+        """``recipe`` compiled for this model (depth, widths, attention heads); ``exit_layer`` overrides the recipe's."""
+        cfg = self.model.config
+        n_heads = getattr(cfg, "num_attention_heads", None)
+        try:
+            proj = attn_out_module(self.spec, get_path(self.model, self.spec.layers)[0], 0)
+            attn_width = getattr(proj, "in_features", None) or proj.weight.shape[0]
+        except ModelError:
+            attn_width = None
+        plan = compile_plan(recipe, self.n_layers, get_path(self.model, self.spec.embed).weight.shape[1],
+                            self.placeholder_id, exit_layer=exit_layer, n_heads=n_heads, attn_width=attn_width)
+        for e in plan.at("attn_out_in"):  # a family without an o_proj-like module: say so now, not mid-encode
+            attn_out_module(self.spec, get_path(self.model, self.spec.layers)[e.layer], e.layer, e.field)
+        return plan
 
     # -- tokenization -------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], template: str, warn: bool = True) -> list[Encoded]:
@@ -326,6 +341,9 @@ class Embedder:
         Adds the indices of truncated texts to ``truncated``; ``progress`` advances and ``on_batch(indices, values)``
         is called as each batch finishes."""
         rows = self.tokenize(texts, template, warn=False)
+        if plan.runs:  # the same sentences in the auxiliary prompts, batched alongside (Batch.others)
+            aux = [(name, self.tokenize(texts, t, warn=False)) for name, t in plan.runs]
+            rows = [replace(r, others=tuple((name, enc[k]) for name, enc in aux)) for k, r in enumerate(rows)]
         truncated.update(i for i, r in enumerate(rows) if r.truncated)
         prefix = self._prefix(rows, plan)  # the shared prompt prefix's keys/values, or None
         if prefix is not None:

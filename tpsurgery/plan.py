@@ -1,4 +1,4 @@
-"""Plans: a recipe compiled against a model's depth (layer schedule) and a tokenized batch (tensors).
+"""Plans: a recipe compiled against a model's depth (a tuple of edits) and a tokenized batch (tensors).
 
 Both are plain data read by fixed backend code.
 
@@ -6,10 +6,11 @@ Both are plain data read by fixed backend code.
 >>> plan = compile_plan(parse_recipe("prompt: '<PST> {text}'\\ntp: {start: 1, stop: 3}\\nexit_layer: -2"), n_layers=4, hidden_size=8)
 >>> plan.exit_layer, plan.tp_layers, plan.layers_run
 (3, (1, 2), 3)
+>>> plan.edits[0]
+Edit(site='layer_in', layer=1, op='copy', rows='placeholders', source=-1, alpha=1.0, factor=1.0, run=None, heads=None, vector=None, eps=0.0, mode=None, field='tp')
 >>> print(plan.describe())
+layers 1-2: TP layer input: placeholders <- position -1
 layer 0: plain
-layer 1: TP (placeholder <- source)
-layer 2: TP (placeholder <- source)
 read hidden_states[3] (output of decoder layer 2); layers 3.. and the LM head never run
 """
 
@@ -21,55 +22,111 @@ from typing import Sequence
 
 import torch
 
+from .edits import Edit, Rows, Vector, describe_edit, layer_ranges
 from .errors import InputError, RecipeError
 from .prompts import Encoded
 from .recipe import Recipe
+from .schema import EditSpec
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the backend does, per layer, for one recipe on one model.
+    """What the backend does for one recipe on one model: a sorted tuple of :class:`~tpsurgery.edits.Edit` values,
+    then a read of ``hidden_states[exit_layer]`` pooled by ``pooling``.
 
-    ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]``; ``tp_layers`` the sorted
-    0-based decoder layers (all < M) before which placeholders are overwritten; ``init_vector`` the placeholder's
-    initial embedding-output row (None: the carrier token's own embedding); ``mask_layers`` the layers in which no
-    other token attends to a placeholder; ``hide_placeholders``: placeholders get attention mask 0 (invisible in every
-    layer, no position id); ``bidirectional_layers`` the layers with the ``bidirectional`` mask edit.
+    ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]`` (edits at layers >= M are
+    dropped: they cannot change the read); ``runs`` the auxiliary prompts ``(name, template)`` whose runs ``add`` /
+    ``subtract`` edits read; ``hide_placeholders``: placeholders get attention mask 0 in the batch (invisible in every
+    layer, no position id); ``n_heads``: attention heads (for edits on head columns).
+    The other attributes are read-only views of the edits, for the Token-Prepending shorthand.
     """
 
     n_layers: int
     exit_layer: int
-    tp_layers: tuple[int, ...]
-    alpha: float
-    source: int
-    placeholder_id: int
-    init_vector: torch.Tensor | None
-    mask_layers: tuple[int, ...]
-    bidirectional: str
-    bidirectional_layers: tuple[int, ...]
+    edits: tuple[Edit, ...]
     pooling: str
+    placeholder_id: int
     hide_placeholders: bool = False
+    runs: tuple[tuple[str, str], ...] = ()
+    n_heads: int | None = None
 
     @property
     def layers_run(self) -> int:
         """How many decoder layers run (the rest, the final norm unless M == n_layers, and the LM head never do)."""
         return min(self.exit_layer, self.n_layers)
 
+    def at(self, site: str, layer: int | None = None) -> tuple[Edit, ...]:
+        """The edits at ``site`` (of ``layer``), in the order they apply."""
+        return tuple(e for e in self.edits if e.site == site and (layer is None or e.layer == layer))
+
+    def by_layer(self) -> dict[int, dict[str, tuple[Edit, ...]]]:
+        """``{layer: {site: edits}}`` (the embedding output's edits under layer 0, site ``embed``)."""
+        out: dict[int, dict[str, tuple[Edit, ...]]] = {}
+        for e in self.edits:
+            sites = out.setdefault(e.layer, {})
+            sites[e.site] = sites.get(e.site, ()) + (e,)
+        return out
+
+    @property
+    def source(self) -> int:
+        """The most negative position any edit reads (-1 without edits): shorter inputs are rejected."""
+        return min([e.reach for e in self.edits] + [-1])
+
     @property
     def needs_masks(self) -> bool:
-        return bool(self.mask_layers or self.bidirectional_layers)
+        return bool(self.at("attn_mask"))
+
+    def captures(self, run: str) -> tuple[tuple[str, int, Rows], ...]:
+        """``(site, layer, rows)`` that auxiliary run ``run`` must provide, in execution order."""
+        keys = {(e.runs_at, e.site, e.layer, e.rows) for e in self.edits if e.run == run}
+        return tuple((site, layer, rows) for _, site, layer, rows in sorted(keys, key=lambda k: (k[0], str(k[3]))))
+
+    # -- views of the Token-Prepending shorthand -----------------------------------------------------------------
+    @property
+    def tp_layers(self) -> tuple[int, ...]:
+        """Layers whose input's placeholder rows are overwritten by a copy (TP)."""
+        return tuple(e.layer for e in self.at("layer_in") if e.op == "copy" and e.rows == "placeholders")
+
+    @property
+    def alpha(self) -> float:
+        return next((e.alpha for e in self.at("layer_in") if e.op == "copy"), 1.0)
+
+    @property
+    def init_vector(self) -> torch.Tensor | None:
+        """The placeholders' initial embedding-output row (None: the carrier token's own embedding)."""
+        return next((e.vector.tensor for e in self.at("embed") if e.op == "write"), None)
+
+    @property
+    def mask_layers(self) -> tuple[int, ...]:
+        """Layers in which no other token attends to a placeholder."""
+        return tuple(e.layer for e in self.at("attn_mask") if e.op == "hide")
+
+    @property
+    def bidirectional(self) -> str:
+        return next((e.mode for e in self.at("attn_mask") if e.op == "bidirectional"), "none")
+
+    @property
+    def bidirectional_layers(self) -> tuple[int, ...]:
+        return tuple(e.layer for e in self.at("attn_mask") if e.op == "bidirectional")
 
     def describe(self) -> str:
-        lines = []
+        """Layer ranges with what happens in them, then the read."""
+        by_layer = self.by_layer()
+        lines = [f"embedding output: {describe_edit(e).split(': ', 1)[1]}" for e in by_layer.get(0, {}).get("embed", ())]
+        groups: dict[tuple[str, ...], list[int]] = {}
         for i in range(self.layers_run):
-            acts = []
-            if i in self.tp_layers:
-                acts.append("TP (placeholder <- source)" if self.alpha == 1.0 else f"TP (alpha={self.alpha})")
-            if i in self.mask_layers:
-                acts.append("placeholder masked")
-            if i in self.bidirectional_layers:
-                acts.append(f"bidirectional={self.bidirectional}")
-            lines.append(f"layer {i}: {', '.join(acts) or 'plain'}")
+            acts = tuple(describe_edit(e) for site, edits in by_layer.get(i, {}).items() if site != "embed"
+                         for e in edits)
+            groups.setdefault(acts, []).append(i)
+        for acts, layers in sorted(groups.items(), key=lambda g: g[1][0]):
+            if acts:
+                lines.append(f"{layer_ranges(layers)}: {'; '.join(acts)}")
+        plain = groups.get((), [])
+        if plain:
+            lines.append(f"{layer_ranges(plain)}: plain")
+        for name, template in self.runs:
+            last = max(e.layer for e in self.edits if e.run == name)
+            lines.append(f"run {name!r}: {template!r}, decoder layers 0..{last} (stops there)")
         m = self.exit_layer
         where = ("embedding output" if m == 0 else "final-norm output" if m == self.n_layers
                  else f"output of decoder layer {m - 1}")
@@ -96,19 +153,21 @@ def _span_layers(span, n_layers: int, field: str) -> range:
     return range(span.start, span.stop)
 
 
+def _named_vector(kind: str, size: int, seed: int = 0, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    if kind == "zeros":
+        return torch.zeros(size)
+    if kind == "ones":
+        return torch.ones(size)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.rand(size, generator=g)
+    return torch.randn(size, generator=g) * std + mean
+
+
 def initial_vector(recipe: Recipe, hidden_size: int) -> torch.Tensor | None:
     """The placeholder's initial embedding-output row, or None for ``init: token``."""
     p = recipe.placeholder
-    if p.init == "token":
-        return None
-    if p.init == "zeros":
-        return torch.zeros(hidden_size)
-    if p.init == "ones":
-        return torch.ones(hidden_size)
-    g = torch.Generator().manual_seed(p.seed)
-    if p.init == "uniform":
-        return torch.rand(hidden_size, generator=g)
-    return torch.randn(hidden_size, generator=g) * p.std + p.mean
+    return None if p.init == "token" else _named_vector(p.init, hidden_size, p.seed, p.mean, p.std)
 
 
 def _warn_dropped(tp, m: int) -> None:
@@ -120,13 +179,50 @@ def _warn_dropped(tp, m: int) -> None:
                       f"hidden_states[{m}] ({read}), which later layers cannot change", UserWarning, stacklevel=3)
 
 
-def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id: int | None = None,
-                 exit_layer: int | None = None) -> Plan:
-    """Check a recipe against a model's depth and fix the per-layer schedule. ``exit_layer`` overrides the recipe's."""
-    m = exit_layer if exit_layer is not None else recipe.exit_layer
-    if m == "auto":
-        raise RecipeError("exit_layer", "'auto' must be resolved from a sweep first (tpsurgery sweep)")
-    m = resolve_exit_layer(m, n_layers)
+def _vector(spec: EditSpec, size: int, field: str) -> torch.Tensor:
+    """The vector of a ``write`` edit (``value``: a named initialisation or a list of floats)."""
+    if isinstance(spec.value, tuple):
+        if len(spec.value) != size:
+            raise RecipeError(f"{field}.value", f"{len(spec.value)} numbers for rows of width {size}")
+        return torch.tensor(spec.value, dtype=torch.float32)
+    return _named_vector(spec.value, size, spec.seed, spec.mean, spec.std)
+
+
+def _user_edits(recipe: Recipe, n_layers: int, m: int, hidden_size: int, n_heads: int | None,
+                attn_width: int | None) -> list[Edit]:
+    """The recipe's ``edits`` section, one :class:`Edit` per layer; layers that cannot change the read are dropped."""
+    out, cut = [], []
+    for k, spec in enumerate(recipe.edits):
+        field = f"edits.{k}"
+        layers = spec.layer_list()
+        if layers[-1] >= n_layers:
+            raise RecipeError(f"{field}.layers", f"layer {layers[-1]} is not a decoder layer of this model "
+                                                 f"(allowed: 0..{n_layers - 1})")
+        if spec.heads is not None:
+            if n_heads is None:
+                raise RecipeError(f"{field}.heads", "this model's number of attention heads is unknown")
+            if max(spec.heads) >= n_heads:
+                raise RecipeError(f"{field}.heads", f"head {max(spec.heads)} does not exist (allowed: 0..{n_heads - 1})")
+        vector = None
+        if spec.op == "write":
+            size = attn_width if spec.site == "attn_out_in" else hidden_size
+            if size is None:
+                raise RecipeError(f"{field}.value", "the width of this model's o_proj input is unknown")
+            vector = Vector(_vector(spec, size, field))
+        kept = [i for i in layers if spec.site == "embed" or i < m]
+        if len(kept) < len(layers):
+            cut.append(f"{field} (layers {', '.join(str(i) for i in layers if i not in kept)})")
+        out += [Edit(spec.site, i, spec.op, rows=spec.rows, source=spec.source if spec.op == "copy" else None,
+                     alpha=spec.alpha, factor=spec.factor if spec.factor is not None else 1.0, run=spec.run,
+                     heads=spec.heads, vector=vector, eps=spec.eps, mode=spec.mode, field=field) for i in kept]
+    if cut:
+        warnings.warn(f"{', '.join(cut)}: dropped, because exit_layer reads hidden_states[{m}], which edits of "
+                      f"layers >= {m} cannot change", UserWarning, stacklevel=3)
+    return out
+
+
+def _shorthand_edits(recipe: Recipe, n_layers: int, m: int, hidden_size: int) -> list[Edit]:
+    """The ``tp``, ``placeholder`` and ``attention`` sections as edits."""
     tp = recipe.tp
     layers: list[int] = []
     for k, span in enumerate(tp.spans):
@@ -136,27 +232,48 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
             raise RecipeError("tp.resume", f"{tp.resume} is not a layer of this model ({n_layers} decoder layers)")
         layers.extend(range(tp.resume, n_layers))
     # TP before layer i only changes hidden_states[j] for j > i: layers >= M never influence the read.
-    tp_layers = tuple(sorted(i for i in set(layers) if i < m))
+    tp_layers = sorted(i for i in set(layers) if i < m)
     _warn_dropped(tp, m)
-    mask_layers = (0,) if recipe.placeholder.mask == "first_layer" and m > 0 else ()
+    edits = []
+    init = initial_vector(recipe, hidden_size)
+    if init is not None:
+        edits.append(Edit("embed", 0, "write", vector=Vector(init), field="placeholder.init"))
+    if recipe.placeholder.mask == "first_layer" and m > 0:
+        edits.append(Edit("attn_mask", 0, "hide", field="placeholder.mask"))
     att = recipe.attention
-    bidir: tuple[int, ...] = ()
     if att.bidirectional != "none":
         rng = _span_layers(att.layers, n_layers, "attention.layers") if att.layers else range(n_layers)
-        bidir = tuple(i for i in rng if i < m)
+        edits += [Edit("attn_mask", i, "bidirectional", mode=att.bidirectional, field="attention.bidirectional")
+                  for i in rng if i < m]
+    edits += [Edit("layer_in", i, "copy", source=tp.source, alpha=tp.alpha, field="tp") for i in tp_layers]
+    return edits
+
+
+def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id: int | None = None,
+                 exit_layer: int | None = None, n_heads: int | None = None, attn_width: int | None = None) -> Plan:
+    """Check a recipe against a model's depth and compile it to edits. ``exit_layer`` overrides the recipe's.
+
+    ``n_heads`` / ``attn_width``: attention heads and width of the o_proj input (edits with ``heads``, and ``write``
+    at ``attn_out_in``, need them). Edits run sorted by layer, then site (:data:`tpsurgery.edits.SITES`); edits at one site run in recipe order,
+    the shorthand sections (``placeholder``, ``attention``, ``tp``) before the ``edits`` section.
+    """
+    m = exit_layer if exit_layer is not None else recipe.exit_layer
+    if m == "auto":
+        raise RecipeError("exit_layer", "'auto' must be resolved from a sweep first (tpsurgery sweep)")
+    m = resolve_exit_layer(m, n_layers)
+    edits = _shorthand_edits(recipe, n_layers, m, hidden_size) + _user_edits(recipe, n_layers, m, hidden_size, n_heads,
+                                                                                attn_width)
+    edits.sort(key=lambda e: e.runs_at)  # stable: recipe order inside a site
+    used = {e.run for e in edits if e.run is not None}
     return Plan(
         n_layers=n_layers,
         exit_layer=m,
-        tp_layers=tp_layers,
-        alpha=tp.alpha,
-        source=tp.source,
-        placeholder_id=recipe.placeholder.token_id if placeholder_id is None else placeholder_id,
-        init_vector=initial_vector(recipe, hidden_size),
-        mask_layers=mask_layers,
-        bidirectional=att.bidirectional,
-        bidirectional_layers=bidir,
+        edits=tuple(edits),
         pooling=recipe.pooling,
+        placeholder_id=recipe.placeholder.token_id if placeholder_id is None else placeholder_id,
         hide_placeholders=recipe.placeholder.mask == "all",
+        runs=tuple((name, t) for name, t in recipe.runs.items() if name in used),
+        n_heads=n_heads,
     )
 
 
@@ -175,10 +292,15 @@ class Batch:
     source: torch.Tensor
     text_mask: torch.Tensor
     text_end: torch.Tensor
+    others: tuple[tuple[str, "Batch"], ...] = ()
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def other(self, run: str) -> "Batch":
+        """The same sentences in auxiliary run ``run``'s prompt (collated on their own)."""
+        return dict(self.others)[run]
 
 
 def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Sequence[int] | None = None,
@@ -186,6 +308,7 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
     """Left-pad encoded rows into a :class:`Batch`; position ids count visible tokens only (``cumsum(mask) - 1``).
 
     ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
+    Rows that carry auxiliary runs' encodings (:attr:`Encoded.others`) get those collated as ``Batch.others``.
     """
     indices = list(indices) if indices is not None else list(range(len(rows)))
     width = max(len(r.ids) for r in rows)
@@ -201,7 +324,8 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
         if len(r.ids) == 0:
             raise InputError(idx, "the prompted input has no tokens (empty text and no prompt)")
         if len(r.ids) < -source:
-            raise InputError(idx, f"tp.source={source} reaches before the start of this {len(r.ids)}-token input")
+            raise InputError(idx, f"position {source} (tp.source or an edit's rows) reaches before the start of this "
+                                  f"{len(r.ids)}-token input")
         off = width - len(r.ids)
         ids[b, off:] = torch.tensor(r.ids)
         mask[b, off:] = 1
@@ -213,5 +337,7 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
                 mask[b, ph[b]] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     src = torch.full((len(rows),), width + source, dtype=torch.long)
-    return Batch(ids, mask, pos, ph, src, text, text_end)
+    others = tuple((name, collate([dict(r.others)[name] for r in rows], pad_id, -1, indices))
+                   for name, _ in rows[0].others)
+    return Batch(ids, mask, pos, ph, src, text, text_end, others)
 

@@ -49,7 +49,7 @@ def shared_prefix_length(rows: Sequence[Encoded], source: int = -1) -> int:
 def split_rows(rows: Sequence[Encoded], length: int) -> list[Encoded]:
     """The rows without their first ``length`` tokens (placeholder and sentence indices shifted)."""
     return [Encoded(r.ids[length:], tuple(p - length for p in r.placeholders),
-                    (r.text_span[0] - length, r.text_span[1] - length), r.truncated) for r in rows]
+                    (r.text_span[0] - length, r.text_span[1] - length), r.truncated, r.others) for r in rows]
 
 
 def _is_sliding(model: Any, cache: Any) -> bool:

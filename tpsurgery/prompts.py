@@ -45,12 +45,16 @@ def split_template(template: str, *, drop_space: bool = True) -> tuple[str, ...]
 
 @dataclass(frozen=True)
 class Encoded:
-    """One prompted sentence: token ids, the placeholder indices in them, and the last ``{text}`` slot's tokens."""
+    """One prompted sentence: token ids, the placeholder indices in them, and the last ``{text}`` slot's tokens.
+
+    ``others``: the same sentence in auxiliary prompts, ``(run name, Encoded)`` (see ``runs`` in recipes).
+    """
 
     ids: tuple[int, ...]
     placeholders: tuple[int, ...]
     text_span: tuple[int, int]
     truncated: bool = False
+    others: tuple[tuple[str, "Encoded"], ...] = ()
 
 
 def _fill(pieces: Sequence[str], text: str) -> tuple[str, list[int], tuple[int, int]]:

@@ -33,40 +33,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .schema import NUM as _NUM, EditSpec, Frozen as _Frozen, Span
 
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
 MAX_RECIPE_BYTES = 1_000_000
-
-
-def _no_bool(value: Any) -> Any:
-    # YAML reads `yes`/`true` as booleans and Python's bool is an int: never let one pass for a number.
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
-    return value
-
-
-_NUM = BeforeValidator(_no_bool)
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
-
-
-class Span(_Frozen):
-    """Half-open span ``[start, stop)`` of 0-based decoder-layer indices."""
-
-    start: Annotated[int, Field(ge=0), _NUM]
-    stop: Annotated[int, Field(ge=1), _NUM]
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "Span":
-        if self.stop <= self.start:
-            raise ValueError(f"stop must be greater than start (got start={self.start}, stop={self.stop})")
-        return self
 
 
 class TPSchedule(_Frozen):
@@ -152,6 +126,8 @@ class Recipe(_Frozen):
     pooling: Literal["last", "mean"] = "last"
     attention: Attention = Attention()
     compat: Literal["exact", "official"] = "exact"
+    runs: dict[str, str] = Field(default_factory=dict)
+    edits: tuple[EditSpec, ...] = ()
 
     @field_validator("prompt")
     @classmethod
@@ -165,6 +141,18 @@ class Recipe(_Frozen):
                     raise RecipeError("" if isinstance(v, str) else str(k), f"template {t!r} has no {TEXT_SLOT} slot")
         return v
 
+    @field_validator("runs")
+    @classmethod
+    def _runs(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, t in v.items():
+            if not name.isidentifier():
+                raise RecipeError(name, "a run name must be an identifier (letters, digits, underscores)")
+            if TEXT_SLOT not in t:
+                raise RecipeError(name, f"template {t!r} has no {TEXT_SLOT} slot")
+            if PLACEHOLDER_MARKER in t:
+                raise RecipeError(name, f"an auxiliary run is a plain prompt: it cannot hold a {PLACEHOLDER_MARKER}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         counts = {t.count(PLACEHOLDER_MARKER) for t in self.templates}
@@ -175,6 +163,17 @@ class Recipe(_Frozen):
         if self.attention.bidirectional != "none" and counts == {0}:
             raise RecipeError("attention.bidirectional",
                               f"starts at the placeholder: the prompt needs a {PLACEHOLDER_MARKER} marker")
+        for k, e in enumerate(self.edits):
+            if e.run is not None and e.run not in self.runs:
+                known = ", ".join(self.runs) or "none; add a `runs:` section"
+                raise RecipeError(f"edits.{k}.run", f"no run named {e.run!r} (runs: {known})")
+            if e.run is not None and e.rows == "placeholders":
+                raise RecipeError(f"edits.{k}.rows", "an auxiliary run has no placeholders to take rows from; use "
+                                                     "rows: last or a negative position")
+            needs_marker = e.rows == "placeholders" and e.op != "bidirectional"
+            if (needs_marker or e.op == "bidirectional") and counts == {0}:
+                raise RecipeError(f"edits.{k}", f"rows: placeholders needs a {PLACEHOLDER_MARKER} marker in the "
+                                                "prompt (it has none); use rows: last or a negative position")
         return self
 
     @property
@@ -194,7 +193,14 @@ class Recipe(_Frozen):
         return parse_recipe({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The fields as plain data; empty ``runs`` / ``edits`` sections are left out (hashes of recipes without
+        them stay what they were before the sections existed)."""
+        data = self.model_dump(mode="json")
+        data["edits"] = [e.model_dump(mode="json", exclude_defaults=True) for e in self.edits]
+        for key in ("runs", "edits"):
+            if not data[key]:
+                del data[key]
+        return data
 
     def hash(self) -> str:
         """A stable short hash of the recipe's semantics (name and description excluded)."""
@@ -204,7 +210,7 @@ class Recipe(_Frozen):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention)$"
+_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention|EditSpec)$"
                         r"|^(literal|tuple|list|dict|set|union|function-[a-z-]+)\[")
 
 

@@ -17,15 +17,10 @@ import torch
 from .plan import Batch, Plan
 
 
-def _layer_edits(plan: Plan, i: int) -> tuple:
-    return (plan.alpha if i in plan.tp_layers else None, i in plan.mask_layers,
-            plan.bidirectional if i in plan.bidirectional_layers else None)
-
-
 def batch_key(plan: Plan) -> tuple:
-    """Plans with equal keys run on the same batches: collation and prompt-prefix reuse depend on these, and the
-    inputs a batch rejects (mean pooling with no sentence token) on the pooling."""
-    return plan.source, plan.hide_placeholders, plan.needs_masks, plan.pooling
+    """Plans with equal keys run on the same batches: collation (with the auxiliary runs' batches) and prompt-prefix
+    reuse depend on these, and the inputs a batch rejects (mean pooling with no sentence token) on the pooling."""
+    return plan.source, plan.hide_placeholders, plan.needs_masks, plan.pooling, plan.runs
 
 
 def common_layers(a: Plan, b: Plan) -> int:
@@ -40,13 +35,15 @@ def common_layers(a: Plan, b: Plan) -> int:
     >>> common_layers(p(3), p(5)), common_layers(p(5), p(3)), common_layers(p(4), p(4))
     (3, 3, 6)
     """
-    if batch_key(a) != batch_key(b) or (a.placeholder_id, a.pooling) != (b.placeholder_id, b.pooling):
+    if batch_key(a) != batch_key(b) or (a.placeholder_id, a.n_heads) != (b.placeholder_id, b.n_heads):
         return 0
-    if (a.init_vector is None) != (b.init_vector is None) or (
-            a.init_vector is not None and not torch.equal(a.init_vector, b.init_vector)):
+    ea, eb = a.by_layer(), b.by_layer()
+    if ea.get(0, {}).get("embed") != eb.get(0, {}).get("embed"):
         return 0
+    # edits compare as data (Vector values by value; the recipe field they came from does not count)
     n = min(a.layers_run, b.layers_run)
-    return next((i for i in range(n) if _layer_edits(a, i) != _layer_edits(b, i)), n)
+    layer = lambda e, i: {site: edits for site, edits in e.get(i, {}).items() if site != "embed"}  # noqa: E731
+    return next((i for i in range(n) if layer(ea, i) != layer(eb, i)), n)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         if hidden_ph:  # the honest baseline: the prompt without the marker, exactly (placeholder.mask: all)
             row_recipe = row_recipe.replace(placeholder={**recipe.placeholder.model_dump(), "mask": "all"})
             label = "no TP (placeholder hidden)"
-        plans.append(compile_plan(row_recipe, embedder.n_layers, hidden, embedder.placeholder_id))
+        plans.append(embedder.plan_for(row_recipe))
         rows.append({"label": label, "tp": row_recipe.tp.model_dump(mode="json"),
                      **({"placeholder_mask": "all"} if hidden_ph else {})})
     resume = share_layers and getattr(embedder.backend, "supports_resume", False)

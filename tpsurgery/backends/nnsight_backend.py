@@ -1,8 +1,10 @@
 """The nnsight backend: one ``trace`` per batch runs a plan with fixed code.
 
-The trace body below is the whole engine: write placeholder initial vectors into the embedding output, overwrite the
-placeholder rows of scheduled layers' inputs, read the exit layer, then ``tracer.stop()`` so that later layers, the
-final norm (unless it is the exit) and the LM head never run.
+The trace body below is the whole engine: it walks the plan's edits in execution order, mapping each site to a hook
+point (embedding output, a layer's inputs and attention mask, its o_proj input, its output) through the architecture
+table and applying the edits with :func:`tpsurgery.backends.surgery.apply_edits`; reads the exit layer, then calls
+``tracer.stop()`` so that later layers, the final norm (unless it is the exit) and the LM head never run. Rows that
+edits take from auxiliary prompt runs are captured first, by a trace of each run that stops after its last site.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..arch import ArchSpec, arch_for, get_path
+from ..arch import ArchSpec, arch_for, attn_out_module, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..plan import Batch, Plan
 from ..masks import layer_masks, mask_position, replace_mask
 from ..placement import input_device
 from .pooling import pool
-from .surgery import overwrite_placeholders, write_initial
+from .surgery import apply_edits, capture
 
 
 def _is_nnsight(forward: Any) -> bool:
@@ -105,33 +107,72 @@ class NNsightBackend:
         except Exception as exc:  # nnsight re-raises model errors from its worker; add context
             raise BackendError(f"nnsight backend failed on a batch of {batch.size}: {type(exc).__name__}: {exc}") from exc
 
+    def _capture(self, plan: Plan, batch: Batch) -> dict:
+        """Rows that ``add`` / ``subtract`` edits take from auxiliary runs: each run is traced on its own batch up to
+        the last site it must provide, then stopped."""
+        layers = get_path(self.envoy, self.spec.layers)
+        out = {}
+        for run, _ in plan.runs:
+            aux = batch.other(run)
+            device = input_device(self.model, self.spec)
+            wanted = plan.captures(run)
+            with torch.no_grad(), self.envoy.trace(input_ids=aux.input_ids.to(device),
+                                                   attention_mask=aux.attention_mask.to(device),
+                                                   position_ids=aux.position_ids.to(device), use_cache=False) as tracer:
+                for site, i, rows in wanted:
+                    h = self._site(site, layers, i)
+                    out[(run, site, i, rows)] = capture(h[0] if site == "layer_out" and self.spec.tuple_output else h,
+                                                       rows, aux).save()
+                tracer.stop()
+        return out
+
+    def _site(self, site: str, layers: Any, i: int) -> Any:
+        """The envoy value of a site (read access)."""
+        if site == "embed":
+            return get_path(self.envoy, self.spec.embed).output
+        if site == "layer_in":
+            return layers[i].input
+        if site == "attn_out_in":
+            return attn_out_module(self.spec, layers[i], i).input
+        return layers[i].output
+
     def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, start: int = 0,
                hidden: torch.Tensor | None = None, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
         layers = get_path(self.envoy, self.spec.layers)
         embed = get_path(self.envoy, self.spec.embed)
         norm = get_path(self.envoy, self.spec.norm)
         tuple_out = self.spec.tuple_output
-        has_ph = batch.placeholders.shape[1] > 0
         m = plan.exit_layer
+        by_layer = plan.by_layer()  # {layer: {site: edits}}
+        captured = self._capture(plan, batch) if plan.runs else {}
         reads, kept = [], {}
         masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
         where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
+        heads = plan.n_heads
         if start:
             hidden = hidden.to(input_device(self.model, self.spec))
             skipped = (hidden,) if tuple_out else hidden
         with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
-            if has_ph and plan.init_vector is not None and not start:
-                embed.output = write_initial(embed.output, plan, batch)
+            if not start and by_layer.get(0, {}).get("embed"):
+                embed.output = apply_edits(embed.output, by_layer[0]["embed"], batch, captured)
             for i in range(plan.layers_run):
                 if i < start:  # resumed: these layers do not run; the last one "returns" hidden_states[start]
                     layers[i].skip(skipped)
                     continue
+                edits = by_layer.get(i, {})
                 if i in masks:
                     layers[i].inputs = replace_mask(layers[i].inputs, masks[i], where)
                 if all_layers and i == 0:
                     reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
-                if has_ph and i in plan.tp_layers:
-                    layers[i].input = overwrite_placeholders(layers[i].input, plan, batch)
+                if "layer_in" in edits:
+                    layers[i].input = apply_edits(layers[i].input, edits["layer_in"], batch, captured)
+                if "attn_out_in" in edits:
+                    proj = attn_out_module(self.spec, layers[i], i, edits["attn_out_in"][0].field)
+                    proj.input = apply_edits(proj.input, edits["attn_out_in"], batch, captured, heads)
+                if "layer_out" in edits:
+                    out = layers[i].output
+                    new = apply_edits(out[0] if tuple_out else out, edits["layer_out"], batch, captured)
+                    layers[i].output = (new, *out[1:]) if tuple_out else new
                 read = all_layers and i < m - 1 or (i == m - 1 and m < plan.n_layers)  # hidden_states[i + 1]
                 if read or i + 1 in keep:
                     out = layers[i].output[0] if tuple_out else layers[i].output

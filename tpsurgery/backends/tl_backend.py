@@ -13,9 +13,10 @@ True
 >>> model.config._attn_implementation, type(model.model.layers[0]).__name__   # the user's model is untouched
 ('sdpa', 'LlamaDecoderLayer')
 
-One ``run_with_hooks`` call per batch: ``hook_embed`` writes the placeholders' initial vectors,
-``blocks.{i}.hook_resid_pre`` overwrites the placeholder rows before each TP layer (the same
-:mod:`~tpsurgery.backends.surgery` functions as the nnsight backend), and ``stop_at_layer=M`` ends the pass at
+One ``run_with_hooks`` call per batch: each edit site maps to a hook point (:data:`SITE_HOOKS`: ``hook_embed``,
+``blocks.{i}.hook_resid_pre``, ``blocks.{i}.attn.o.hook_in``, ``blocks.{i}.hook_resid_post``) whose hook applies the
+edits with the same :mod:`~tpsurgery.backends.surgery` functions as the nnsight backend (auxiliary prompt runs are
+captured first by runs that stop after their last site), and ``stop_at_layer=M`` ends the pass at
 the exit layer (for ``M == n_layers`` the ``ln_final.hook_out`` read ends it, so the unembedding never runs).
 Attention-mask edits hand the bridge's attention component of each scheduled layer the mask that
 :func:`tpsurgery.masks.layer_masks` builds for the nnsight backend (a forward pre-hook on ``blocks.{i}.attn``
@@ -31,6 +32,7 @@ as found (every hook this backend adds is removed, also when a run fails).
 from __future__ import annotations
 
 import copy
+import functools
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -39,11 +41,21 @@ from typing import Any, Iterator
 import torch
 
 from ..arch import ArchSpec, arch_for
+from ..edits import SITES
 from ..errors import BackendError, ModelError, TpsurgeryError
 from ..placement import input_device
 from ..plan import Batch, Plan
 from .pooling import pool
-from .surgery import overwrite_placeholders, write_initial
+from .surgery import apply_edits, capture
+
+# edit sites -> TransformerLens hook points (attention-mask edits go through a pre-hook on blocks.{i}.attn)
+SITE_HOOKS = {"embed": "hook_embed", "layer_in": "blocks.{i}.hook_resid_pre", "attn_out_in": "blocks.{i}.attn.o.hook_in",
+              "layer_out": "blocks.{i}.hook_resid_post"}
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``[B, L, heads, d_head]`` (TransformerLens's o_proj input) -> ``[B, L, heads * d_head]`` (head-major, as in HF)."""
+    return t.reshape(*t.shape[:2], -1) if t.dim() == 4 else t
 
 
 class _ExitReached(Exception):
@@ -117,8 +129,9 @@ class TransformerLensBackend:
         device = input_device(self.model, self.spec)
         m, n = plan.exit_layer, self.n_layers
         reads: list[torch.Tensor] = []
-        hooks = self._hooks(plan, batch, all_layers, reads)
         try:
+            captured = self._capture(plan, batch) if plan.runs else {}
+            hooks = self._hooks(plan, batch, all_layers, reads, captured)
             with torch.no_grad(), self._mask_edits(plan, batch):
                 out = self.bridge.run_with_hooks(
                     batch.input_ids.to(device), fwd_hooks=hooks, return_type=None,
@@ -141,10 +154,36 @@ class TransformerLensBackend:
                                f"on {self.architecture}")
         return torch.stack(reads, 1) if all_layers else reads[-1]
 
-    def _hooks(self, plan: Plan, batch: Batch, all_layers: bool, reads: list) -> list:
-        """``(hook name, function)`` pairs in firing order; a read at a hook point comes before its edit."""
+    def _capture(self, plan: Plan, batch: Batch) -> dict:
+        """Rows that ``add`` / ``subtract`` edits take from auxiliary runs (each run stops after its last site)."""
+        device = input_device(self.model, self.spec)
+        out: dict = {}
+        for run, _ in plan.runs:
+            aux = batch.other(run)
+            wanted = plan.captures(run)
+
+            def grab(t, hook, key=None, last=False):
+                out[key] = capture(_flat(t), key[3], aux)
+                if last:
+                    raise _ExitReached
+
+            hooks = [(SITE_HOOKS[site].format(i=i), functools.partial(grab, key=(run, site, i, rows),
+                                                                      last=k == len(wanted) - 1))
+                     for k, (site, i, rows) in enumerate(wanted)]
+            try:
+                with torch.no_grad():
+                    self.bridge.run_with_hooks(aux.input_ids.to(device), fwd_hooks=hooks, return_type=None,
+                                               attention_mask=aux.attention_mask.to(device),
+                                               position_ids=aux.position_ids.to(device), use_cache=False)
+            except _ExitReached:
+                pass
+        return out
+
+    def _hooks(self, plan: Plan, batch: Batch, all_layers: bool, reads: list, captured: dict) -> list:
+        """``(hook name, function)`` pairs in firing order; a read at ``hook_resid_pre`` comes before that site's
+        edits, a read at ``hook_resid_post`` after them (as ``hidden_states`` in the nnsight backend)."""
         m, n = plan.exit_layer, self.n_layers
-        has_ph = batch.placeholders.shape[1] > 0
+        by_layer = plan.by_layer()
 
         def read(t, hook):
             reads.append(pool(t, plan.pooling, batch.text_mask).clone())
@@ -153,14 +192,18 @@ class TransformerLensBackend:
             read(t, hook)
             raise _ExitReached
 
+        def edit(edits):
+            return lambda t, hook: apply_edits(_flat(t), edits, batch, captured, plan.n_heads).reshape(t.shape)
+
         hooks: list = []
-        if has_ph and plan.init_vector is not None:
-            hooks.append(("hook_embed", lambda t, hook: write_initial(t, plan, batch)))
+        if by_layer.get(0, {}).get("embed"):
+            hooks.append(("hook_embed", edit(by_layer[0]["embed"])))
         for i in range(plan.layers_run):
             if all_layers and i == 0:
                 hooks.append(("blocks.0.hook_resid_pre", read))
-            if has_ph and i in plan.tp_layers:
-                hooks.append((f"blocks.{i}.hook_resid_pre", lambda t, hook: overwrite_placeholders(t, plan, batch)))
+            for site, edits in sorted(by_layer.get(i, {}).items(), key=lambda kv: SITES.index(kv[0])):
+                if site in SITE_HOOKS and site != "embed":
+                    hooks.append((SITE_HOOKS[site].format(i=i), edit(edits)))
             if all_layers and i < m - 1:
                 hooks.append((f"blocks.{i}.hook_resid_post", read))
         if m == n:
