@@ -1,9 +1,10 @@
 """Every shipped recipe gives the embeddings it gave before recipes compiled to edits (issue 12).
 
 tests/golden/recipe-embeddings.npz was written by the engine of commit ca5a172 (before ``Plan.edits`` existed) with
-``python tests/test_golden_recipes.py`` (which rewrites it from the current engine: do that only on purpose). On the
-machine that wrote it the edit-list engine reproduces every array bit for bit; the test allows float32 rounding
-(1e-6 relative) in case another CPU's kernels round differently.
+``python tests/test_golden_recipes.py`` (which rewrites it from the current engine: do that only on purpose). The
+edit-list engine reproduced the tiny-model arrays bit for bit on the machine that wrote them; since token-budget
+batching (issue 13) regroups rows, padding-dependent float32 rounding is allowed: the suite's batch tolerance, 1e-4
+relative (SmolLM2 moved by up to 3.4e-4 absolute in 4 of 92 arrays).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def check(got: dict[str, np.ndarray]) -> None:
     for k, v in got.items():
         want = golden[k]
         scale = max(float(np.abs(want).max()), 1e-6)
-        if v.shape != want.shape or float(np.abs(v - want).max()) > 1e-6 * scale:
+        if v.shape != want.shape or float(np.abs(v - want).max()) > 1e-4 * scale:
             bad.append(f"{k}: max diff {float(np.abs(v - want).max()) if v.shape == want.shape else v.shape}")
     assert not bad, "\n".join(bad)
 

@@ -49,6 +49,7 @@ class Plan:
     hide_placeholders: bool = False
     runs: tuple[tuple[str, str], ...] = ()
     n_heads: int | None = None
+    tp_source: int = -1
 
     @property
     def layers_run(self) -> int:
@@ -69,8 +70,9 @@ class Plan:
 
     @property
     def source(self) -> int:
-        """The most negative position any edit reads (-1 without edits): shorter inputs are rejected."""
-        return min([e.reach for e in self.edits] + [-1])
+        """The most negative position the recipe's ``tp.source`` or any edit reads: shorter inputs are rejected
+        (``tp.source`` counts even when the exit layer drops every TP layer, as before edits existed)."""
+        return min([e.reach for e in self.edits] + [self.tp_source])
 
     @property
     def needs_masks(self) -> bool:
@@ -274,6 +276,7 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         hide_placeholders=recipe.placeholder.mask == "all",
         runs=tuple((name, t) for name, t in recipe.runs.items() if name in used),
         n_heads=n_heads,
+        tp_source=recipe.tp.source,
     )
 
 
