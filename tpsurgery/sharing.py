@@ -42,8 +42,12 @@ def common_layers(a: Plan, b: Plan) -> int:
         return 0
     # edits compare as data (Vector values by value; the recipe field they came from does not count)
     n = min(a.layers_run, b.layers_run)
-    layer = lambda e, i: {site: edits for site, edits in e.get(i, {}).items() if site != "embed"}  # noqa: E731
-    return next((i for i in range(n) if layer(ea, i) != layer(eb, i)), n)
+    return next((i for i in range(n) if _layer_edits(ea, i) != _layer_edits(eb, i)), n)
+
+
+def _layer_edits(by_layer: dict, i: int) -> dict:
+    """The edits of decoder layer ``i`` by site (the embedding output's are compared separately)."""
+    return {site: edits for site, edits in by_layer.get(i, {}).items() if site != "embed"}
 
 
 @dataclass(frozen=True)
