@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -97,14 +97,33 @@ def embed(
     from .embed_file import EmbedOptions, embed_file
     from .textio import check_output, count_lines
 
+    from .distributed import embed_shards, process_group, rank_device, world_from_env
+
+    world = world_from_env()  # torchrun: each rank embeds its shard, rank 0 merges (docs/scale-out.md)
     count_lines(input)  # unreadable input or output: one error line before the model is loaded
     check_output(output)
     with quiet(not progress):
-        hf_model, tok, _ = resolve_model(model, device=device)
+        hf_model, tok, _ = resolve_model(model, device=rank_device(device, world))
     emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume))
-    report = embed_file(emb, input, output, EmbedOptions(batch_size=batch_size, max_tokens=max_tokens,
-                                                         normalize=normalize, progress=progress))
-    typer.echo(f"wrote {output}: {report.rows} x {report.dim} float32")
+    options = EmbedOptions(batch_size=batch_size, max_tokens=max_tokens, normalize=normalize, progress=progress)
+    if world.size == 1:
+        report = embed_file(emb, input, output, options)
+    else:
+        with process_group(world):
+            report = embed_shards(emb, input, output, options, world, _run_key(input, emb, model, normalize),
+                                  reuse=resume)
+            report.rows = count_lines(input)
+    if world.main:
+        typer.echo(f"wrote {output}: {report.rows} x {report.dim} float32")
+
+
+def _run_key(input: Path, emb: Any, model: str, normalize: bool) -> str:
+    """What makes a multi-process embed run: a part file of a killed run is reused only under the same key."""
+    import hashlib
+
+    st = input.stat()
+    fields = [str(input.resolve()), st.st_size, st.st_mtime_ns, emb.recipe.hash(), model, emb.backend.name, normalize]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
 @app.command()

@@ -94,19 +94,27 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
     from .api import apply, resolve_model
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
+    from .distributed import ShardedEncoder, process_group, rank_device, world_from_env
+
+    world = world_from_env()  # torchrun: each rank embeds a share of every encode call; rank 0 reports
     dirs = data_dirs(data, hub)
     names = _split_tasks(tasks, kind)
     with quiet(not progress):
-        hf_model, tok, _ = resolve_model(model, device=device)
+        hf_model, tok, _ = resolve_model(model, device=rank_device(device, world))
     cache = open_cache(resume)
     runs = []
-    for r in recipes:
-        emb = apply(hf_model, r, tokenizer=tok, backend=backend, embedding_cache=cache)
-        runs.append(evaluate(emb, names, dirs, model_name=model, limit=limit, batch_size=batch_size,
-                             progress=progress, kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub,
-                             standardize=standardize))
-        typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in runs[-1]["scores"].items())
-                   + f" ({runs[-1]['seconds']:.1f} s)", err=True)
+    with process_group(world):
+        for r in recipes:
+            emb = apply(hf_model, r, tokenizer=tok, backend=backend, embedding_cache=cache)
+            runs.append(evaluate(ShardedEncoder(emb, world) if world.size > 1 else emb, names, dirs,
+                                 model_name=model, limit=limit, batch_size=batch_size, progress=progress and world.main,
+                                 kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub, standardize=standardize))
+            if world.main:
+                typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in
+                                                                  runs[-1]["scores"].items())
+                           + f" ({runs[-1]['seconds']:.1f} s)", err=True)
+    if not world.main:
+        return
     table = markdown_table(runs, names)
     typer.echo(table)
     if output:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -148,3 +150,72 @@ class ShardedEncoder:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.encoder, name)
+
+
+# -- embed: one part file per rank, merged by rank 0 ---------------------------------------------------------------
+def parts_dir(output: Path) -> Path:
+    """The folder beside ``output`` where ranks leave their parts (removed after the merge)."""
+    return output.parent / f".{output.name}.parts"
+
+
+def part_path(output: Path, world: World, key: str) -> Path:
+    """Rank ``world.rank``'s finished part. ``key`` names the run (input file, recipe, model, ...): a restarted run
+    reuses only parts of the same run."""
+    return parts_dir(output) / f"rank{world.rank:05d}-of-{world.size:05d}.{key}.npy"
+
+
+def merge_parts(output: Path, parts: Sequence[Path], chunk_rows: int = 65536) -> tuple[int, int]:
+    """Concatenate the ``.npy`` parts in order into ``output`` (float32 ``[n, d]``), atomically; returns ``(n, d)``.
+
+    Parts are memory-mapped and copied ``chunk_rows`` rows at a time into the memory-mapped temporary file of a
+    :class:`~tpsurgery.textio.NpyWriter`, renamed into place at the end: memory stays bounded, and an interrupt never
+    leaves half an output.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for k, rows in enumerate([[[1., 2.]], [[3., 4.], [5., 6.]], np.zeros((0, 2))]):
+    ...     np.save(folder / f"p{k}.npy", np.asarray(rows, np.float32))
+    >>> merge_parts(folder / "out.npy", [folder / f"p{k}.npy" for k in range(3)], chunk_rows=1)
+    (3, 2)
+    >>> np.load(folder / "out.npy").tolist()
+    [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    """
+    from .textio import NpyWriter
+
+    arrays = [np.load(p, mmap_mode="r") for p in parts]
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1 or any(a.ndim != 2 for a in arrays):
+        raise LaunchError(f"part files disagree on the embedding shape ({sorted(map(str, shapes))}): "
+                          f"{', '.join(map(str, parts))}")
+    n, d = sum(len(a) for a in arrays), arrays[0].shape[1]
+    with NpyWriter(output, (n, d)) as out:
+        at = 0
+        for a in arrays:
+            for k in range(0, len(a), chunk_rows):
+                out.write(at + k, a[k: k + chunk_rows])
+            at += len(a)
+        out.commit()
+    return n, d
+
+
+def embed_shards(emb: Any, input: Path, output: Path, options: Any, world: World, key: str, reuse: bool = True) -> Any:
+    """This rank's shard of ``input``'s lines embedded into its part file, then (rank 0) the parts merged into
+    ``output`` in input order. A part that a killed run already finished is reused (same ``key``, and ``reuse``);
+    unfinished ones resume from the embedding cache. Returns this rank's :class:`~tpsurgery.embed_file.EmbedReport`."""
+    import dataclasses
+
+    from .embed_file import EmbedReport, embed_file
+    from .textio import count_lines
+
+    share = shard_range(count_lines(input), world)
+    part = part_path(output, world, key)
+    if part.exists() and reuse:
+        report = EmbedReport(rows=len(share), dim=int(np.load(part, mmap_mode="r").shape[1]))
+    else:
+        opts = dataclasses.replace(options, label=f"embed rank {world.rank}/{world.size}", bar_row=world.rank)
+        report = embed_file(emb, input, part, opts, lines=share)
+    barrier(world)
+    if world.main:
+        merge_parts(output, [part_path(output, World(r, world.size), key) for r in range(world.size)])
+        shutil.rmtree(parts_dir(output), ignore_errors=True)
+    return report

@@ -16,6 +16,7 @@ and the batch, not by the number of lines. Warnings name 1-based line numbers of
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ class EmbedOptions:
     normalize: bool = False
     progress: bool = True
     chunk_lines: int = 4096
+    label: str = "embed"  # the progress bar's name and terminal row (one per rank under torchrun)
+    bar_row: int = 0
 
 
 @dataclass
@@ -52,21 +55,26 @@ def _lines(numbers: list[int]) -> str:
     return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
 
 
-def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOptions = EmbedOptions()) -> EmbedReport:
+def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOptions = EmbedOptions(),
+               lines: range | None = None) -> EmbedReport:
     """Embed every line of ``input`` with ``emb`` into ``output`` (see the module doc). Unwritable outputs and a full
-    disk fail before any embedding is computed; all-non-finite output is an error and nothing is written."""
-    n = count_lines(input)
+    disk fail before any embedding is computed; all-non-finite output is an error and nothing is written.
+
+    ``lines``: only these (0-based, a contiguous range: one rank's shard, :mod:`tpsurgery.distributed`), written as
+    rows ``0 .. len(lines) - 1``; warnings still name the file's line numbers."""
+    span = range(count_lines(input)) if lines is None else lines
+    n = len(span)
     output = check_output(output)
     report = EmbedReport(rows=n, dim=int(emb.encode([]).shape[-1]))
     bar = None
     if options.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="embed", unit="line")
+        bar = tqdm(total=n, desc=options.label, unit="line", position=options.bar_row)
     try:
         with NpyWriter(output, (n, report.dim)) as writer:
-            for start, lines in chunked(iter_lines(input), options.chunk_lines):
-                writer.write(start, _encode_chunk(emb, lines, start, options, bar, report))
+            for start, chunk in chunked(itertools.islice(iter_lines(input), span.start, span.stop), options.chunk_lines):
+                writer.write(start, _encode_chunk(emb, chunk, span.start + start, options, bar, report))
             if n and len(report.non_finite) == n:
                 raise BackendError(f"the embeddings of all {n} lines are NaN or inf: the model overflowed or is "
                                    "broken (try float32 or bfloat16); nothing was written")
