@@ -94,10 +94,9 @@ def embed(
 ) -> None:
     """Embed every line of a text file and write a .npy array (row i = line i + 1)."""
     from .api import apply, resolve_model
+    from .distributed import embed_shards, process_group, rank_device, world_from_env
     from .embed_file import EmbedOptions, embed_file
     from .textio import check_output, count_lines
-
-    from .distributed import embed_shards, process_group, rank_device, world_from_env
 
     world = world_from_env()  # torchrun: each rank embeds its shard, rank 0 merges (docs/scale-out.md)
     count_lines(input)  # unreadable input or output: one error line before the model is loaded
@@ -113,6 +112,11 @@ def embed(
             report = embed_shards(emb, input, output, options, world, _run_key(input, emb, model, normalize),
                                   reuse=resume)
             report.rows = count_lines(input)
+    who = f"rank {world.rank}/{world.size}: " if world.size > 1 else ""
+    if report.reused:
+        typer.echo(f"{who}resumed: this rank's shard was finished by an earlier run (its part file was reused)", err=True)
+    elif report.cached:
+        typer.echo(f"{who}resumed: {report.cached} text(s) came from the embedding cache", err=True)
     if world.main:
         typer.echo(f"wrote {output}: {report.rows} x {report.dim} float32")
 

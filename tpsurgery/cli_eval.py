@@ -92,9 +92,8 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
               n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False,
               backend: str = "nnsight", standardize: bool = True, resume: bool = True) -> None:
     from .api import apply, resolve_model
-    from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
-
     from .distributed import ShardedEncoder, process_group, rank_device, world_from_env
+    from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
     world = world_from_env()  # torchrun: each rank embeds a share of every encode call; rank 0 reports
     dirs = data_dirs(data, hub)

@@ -167,7 +167,7 @@ def part_path(output: Path, world: World, key: str) -> Path:
 def merge_parts(output: Path, parts: Sequence[Path], chunk_rows: int = 65536) -> tuple[int, int]:
     """Concatenate the ``.npy`` parts in order into ``output`` (float32 ``[n, d]``), atomically; returns ``(n, d)``.
 
-    Parts are memory-mapped and copied ``chunk_rows`` rows at a time into the memory-mapped temporary file of a
+    Parts are memory-mapped and copied ``chunk_rows`` rows at a time into the temporary file of a
     :class:`~tpsurgery.textio.NpyWriter`, renamed into place at the end: memory stays bounded, and an interrupt never
     leaves half an output.
 
@@ -201,7 +201,8 @@ def merge_parts(output: Path, parts: Sequence[Path], chunk_rows: int = 65536) ->
 def embed_shards(emb: Any, input: Path, output: Path, options: Any, world: World, key: str, reuse: bool = True) -> Any:
     """This rank's shard of ``input``'s lines embedded into its part file, then (rank 0) the parts merged into
     ``output`` in input order. A part that a killed run already finished is reused (same ``key``, and ``reuse``);
-    unfinished ones resume from the embedding cache. Returns this rank's :class:`~tpsurgery.embed_file.EmbedReport`."""
+    unfinished ones resume from the embedding cache. Returns this rank's :class:`~tpsurgery.embed_file.EmbedReport`
+    (``reused`` when the part was an earlier run's, ``cached``: texts the embedding cache held)."""
     import dataclasses
 
     from .embed_file import EmbedReport, embed_file
@@ -210,7 +211,7 @@ def embed_shards(emb: Any, input: Path, output: Path, options: Any, world: World
     share = shard_range(count_lines(input), world)
     part = part_path(output, world, key)
     if part.exists() and reuse:
-        report = EmbedReport(rows=len(share), dim=int(np.load(part, mmap_mode="r").shape[1]))
+        report = EmbedReport(rows=len(share), dim=int(np.load(part, mmap_mode="r").shape[1]), reused=True)
     else:
         opts = dataclasses.replace(options, label=f"embed rank {world.rank}/{world.size}", bar_row=world.rank)
         report = embed_file(emb, input, part, opts, lines=share)

@@ -43,10 +43,14 @@ class EmbedOptions:
 
 @dataclass
 class EmbedReport:
-    """What was written: rows, their width, and 1-based line numbers that were truncated or came out non-finite."""
+    """What was written: rows, their width, and 1-based line numbers that were truncated or came out non-finite;
+    ``cached``: texts taken from the embedding cache (a resumed run); ``reused``: the whole file was a finished part
+    of an earlier multi-process run (:func:`~tpsurgery.distributed.embed_shards`)."""
 
     rows: int = 0
     dim: int = 0
+    cached: int = 0
+    reused: bool = False
     truncated: list[int] = field(default_factory=list)
     non_finite: list[int] = field(default_factory=list)
 
@@ -66,6 +70,8 @@ def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOp
     n = len(span)
     output = check_output(output)
     report = EmbedReport(rows=n, dim=int(emb.encode([]).shape[-1]))
+    cache = getattr(emb, "embedding_cache", None)
+    hits = cache.hits if cache is not None else 0
     bar = None
     if options.progress:
         from tqdm.auto import tqdm
@@ -82,6 +88,7 @@ def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOp
     finally:
         if bar is not None:
             bar.close()
+    report.cached = cache.hits - hits if cache is not None else 0
     if report.truncated:
         warnings.warn(f"{len(report.truncated)} line(s) truncated to the model's limit of {emb.max_length} tokens "
                       f"(the end of the sentence is dropped; lines {_lines(report.truncated)})", UserWarning, 2)
