@@ -18,7 +18,8 @@ import tpsurgery
 from tpsurgery.errors import ModelError
 from tpsurgery.masks import allowed, layer_masks
 from tpsurgery.plan import collate, compile_plan
-from tpsurgery.recipe import load_recipe, parse_recipe
+from tpsurgery.library import load_recipe
+from tpsurgery.recipe import parse_recipe
 from tpsurgery.testing import tiny_model
 
 from recipe_oracle import additive, oracle_embed, rule

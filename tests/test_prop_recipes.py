@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tpsurgery
-from tpsurgery.recipe import dump_recipe, load_recipe, parse_recipe
+from tpsurgery.library import load_recipe
+from tpsurgery.recipe import dump_recipe, parse_recipe
 from strategies import scaled, INVALID_EDITS, engine_recipes, schema_recipes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

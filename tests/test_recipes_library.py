@@ -15,9 +15,9 @@ import torch
 import yaml
 
 import tpsurgery
-from tpsurgery.library import RECIPE_DIR, find_recipe, list_recipes
+from tpsurgery.library import RECIPE_DIR, find_recipe, list_recipes, load_recipe
 from tpsurgery.prompts import preprocess_sentence
-from tpsurgery.recipe import dump_recipe, load_recipe, parse_recipe
+from tpsurgery.recipe import dump_recipe, parse_recipe
 from tpsurgery.testing import tiny_model
 
 from recipe_oracle import decoder_layers, oracle_embed

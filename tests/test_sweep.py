@@ -16,7 +16,8 @@ from tpsurgery.data import load_stsb
 from tpsurgery.errors import RecipeError
 from tpsurgery.evaluation import evaluate_sts
 from tpsurgery.cache import model_fingerprint
-from tpsurgery.sweep import resolve_auto_exit, run_sweep, sweep_path, write_outputs
+from tpsurgery.sweep import run_sweep, write_outputs
+from tpsurgery.sweep_store import resolve_auto_exit, sweep_path
 from tpsurgery.testing import tiny_model
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "format-samples"

@@ -20,7 +20,9 @@ from typing import Any
 from .embedder import Embedder
 from .errors import ModelError
 from .models import DEFAULT_MODEL, load_model
-from .recipe import Recipe, load_recipe, parse_recipe
+from .library import load_recipe
+from .recipe import Recipe, parse_recipe
+from .sweep_store import resolve_auto_exit
 from .versions import check_versions
 
 BACKENDS = ("nnsight", "transformer_lens")
@@ -95,17 +97,17 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
 
     if is_bridge(model) or backend == "transformer_lens":
         hf_model, tokenizer, engine = _transformer_lens(model, tokenizer, backend)
-        return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
-                        embedding_cache=embedding_cache)
-    hf_model, tokenizer, envoy = resolve_model(model, tokenizer)
-    if backend in (None, "nnsight"):
+    else:
+        hf_model, tokenizer, envoy = resolve_model(model, tokenizer)
+        if backend not in (None, "nnsight"):
+            raise ModelError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         from .backends.nnsight_backend import NNsightBackend
 
         engine = NNsightBackend(hf_model, envoy=envoy)
-    else:
-        raise ModelError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    # the best exit layer of a stored sweep (tpsurgery sweep) for `exit_layer: auto`
+    exit_layer = resolve_auto_exit(hf_model, recipe) if recipe.exit_layer == "auto" else None
     return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
-                    embedding_cache=embedding_cache)
+                    embedding_cache=embedding_cache, exit_layer=exit_layer)
 
 
 def _transformer_lens(model: Any, tokenizer: Any, backend: str | None) -> tuple[Any, Any, Any]:

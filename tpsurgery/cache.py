@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from ._version import __version__
 from .errors import ModelError
 
 CACHE_FORMAT = 2  # 2: rows carry a digest (table emb2); format-1 rows are ignored
@@ -112,8 +113,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def plan_key(recipe: Any, plan: Any, *, all_layers: bool, backend: str, device: str) -> str:
     """What, besides model and tokenizer, decides an embedding: recipe semantics, the compiled plan, the engine."""
-    from . import __version__
-
     fields = {k: v for k, v in vars(plan).items() if k != "init_vector"}
     iv = plan.init_vector
     fields["init_vector"] = None if iv is None else hashlib.sha256(iv.float().numpy().tobytes()).hexdigest()

@@ -44,7 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 @recipe_app.command("validate")
 def recipe_validate(files: list[Path]) -> None:
     """Validate recipe files; exit code 1 if any is invalid."""
-    from .recipe import load_recipe
+    from .library import load_recipe
 
     bad = 0
     for f in files:

@@ -93,10 +93,13 @@ class EncodeStats:
 
 
 class Embedder:
-    """A recipe applied to a model: ``encode`` texts into embeddings; ``explain`` what the recipe does to one text."""
+    """A recipe applied to a model: ``encode`` texts into embeddings; ``explain`` what the recipe does to one text.
+
+    Made by :func:`tpsurgery.apply`, which also resolves ``exit_layer: auto`` (``exit_layer`` overrides the recipe's).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Any, spec: ArchSpec | None = None,
-                 prefix_cache: bool | None = None, embedding_cache: Any = None):
+                 prefix_cache: bool | None = None, embedding_cache: Any = None, exit_layer: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -113,11 +116,6 @@ class Embedder:
         if recipe.compat == "exact":  # a marker inside a word has no token boundary to sit on
             for k, template in enumerate(recipe.templates):
                 check_markers(tokenizer, template, "prompt" if isinstance(recipe.prompt, str) else f"prompt.{k}")
-        exit_layer = None
-        if recipe.exit_layer == "auto":  # the best exit layer of a stored sweep (tpsurgery sweep), see sweep.py
-            from .sweep import resolve_auto_exit
-
-            exit_layer = resolve_auto_exit(model, recipe)
         self.plan: Plan = self.plan_for(recipe, exit_layer)
         self.max_length = _max_length(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 
 class TpsurgeryError(Exception):
-    """Base class of every error tpsurgery raises on purpose."""
+    """Base class of every error tpsurgery raises on purpose; ``index`` names the input text when known (its position
+    in the list given to ``encode``), else None.
+
+    >>> TpsurgeryError("boom").index, BackendError("input 3: boom", index=3).index
+    (None, 3)
+    """
+
+    def __init__(self, *args: object, index: int | None = None):
+        self.index = index
+        super().__init__(*args)
 
 
 class RecipeError(TpsurgeryError, ValueError):
@@ -25,9 +34,8 @@ class InputError(TpsurgeryError, ValueError):
     """An input text (``index`` in the list given to ``encode``) cannot be embedded."""
 
     def __init__(self, index: int | None, message: str):
-        self.index = index
         where = f"input {index}: " if index is not None else ""
-        super().__init__(f"{where}{message}")
+        super().__init__(f"{where}{message}", index=index)
 
 
 class ModelError(TpsurgeryError):
@@ -35,12 +43,12 @@ class ModelError(TpsurgeryError):
 
 
 class BackendError(TpsurgeryError):
-    """A backend failed while running a plan; ``layer`` names the decoder layer when known."""
+    """A backend failed while running a plan; ``layer`` names the decoder layer when known, ``index`` the input."""
 
-    def __init__(self, message: str, layer: int | None = None):
+    def __init__(self, message: str, layer: int | None = None, index: int | None = None):
         self.layer = layer
         where = f"layer {layer}: " if layer is not None else ""
-        super().__init__(f"{where}{message}")
+        super().__init__(f"{where}{message}", index=index)
 
 
 class LaunchError(TpsurgeryError):

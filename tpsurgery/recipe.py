@@ -377,14 +377,19 @@ def parse_recipe(source: str | dict | Recipe) -> Recipe:
         raise _error_from_validation(exc) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe from a YAML (or JSON) file, or a shipped recipe by name (``tpsurgery recipes list``)."""
-    p = Path(path)
-    if not p.exists():
-        from .library import find_recipe
+def read_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a YAML (or JSON) file; errors name the file. Shipped recipes by name:
+    :func:`tpsurgery.library.load_recipe` (``tpsurgery.load_recipe``).
 
-        p = find_recipe(str(path))
-    if p.stat().st_size > MAX_RECIPE_BYTES:
+    >>> read_recipe("recipes/prompteol-tp.yaml").tp.spans[0].stop
+    8
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise RecipeError("<recipe>", f"cannot read {p}: {exc}") from None
+    if size > MAX_RECIPE_BYTES:
         raise RecipeError("<recipe>", f"{p} is larger than {MAX_RECIPE_BYTES} bytes")
     try:
         text = p.read_text(encoding="utf-8")

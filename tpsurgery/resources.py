@@ -67,10 +67,8 @@ def run_splitting(run: Callable[[list[int]], torch.Tensor], idx: Sequence[int], 
         error = exc
     free_memory()
     if len(idx) == 1:
-        err = BackendError(f"input {idx[0]}: out of memory even in a batch of one; shorten the text or use a "
-                           f"smaller model / another device ({_reason(error)})")
-        err.index = idx[0]
-        raise err from error
+        raise BackendError(f"input {idx[0]}: out of memory even in a batch of one; shorten the text or use a "
+                           f"smaller model / another device ({_reason(error)})", index=idx[0]) from error
     half = (len(idx) + 1) // 2
     state["cap"] = half
     if not state.get("warned"):
@@ -88,7 +86,7 @@ def _reason(exc: BaseException) -> str:
 
 def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]) -> TpsurgeryError:
     """``exc`` renumbered from the de-duplicated list ``done`` to the caller's ``texts`` (first occurrence)."""
-    index = getattr(exc, "index", None)
+    index = exc.index
     if index is None or not 0 <= index < len(done):
         return exc
     user = texts.index(done[index]) if isinstance(texts, list) else list(texts).index(done[index])
@@ -96,16 +94,13 @@ def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]
 
 
 def renumbered(exc: TpsurgeryError, index: int, note: str = "") -> TpsurgeryError:
-    """A copy of ``exc`` (which names an input) naming input ``index`` instead, ``note`` put before its text."""
-    old = getattr(exc, "index", None)
-    body = str(exc).split(": ", 1)[1] if str(exc).startswith(f"input {old}: ") else str(exc)
+    """A copy of ``exc`` (which names an input) naming input ``index`` instead, ``note`` put before its text.
+    Raise it ``from exc.__cause__`` (the error the original wrapped); ``exc`` itself becomes its context."""
+    body = str(exc).split(": ", 1)[1] if str(exc).startswith(f"input {exc.index}: ") else str(exc)
     if isinstance(exc, InputError):
-        new: TpsurgeryError = InputError(index, note + body)
-    else:
-        new = BackendError(f"input {index}: {note}{body}", layer=getattr(exc, "layer", None))
-        new.index = index
-    new.__cause__ = exc.__cause__
-    return new
+        return InputError(index, note + body)
+    return BackendError(f"input {index}: {note}{body}", layer=exc.layer if isinstance(exc, BackendError) else None,
+                        index=index)
 
 
 @contextlib.contextmanager

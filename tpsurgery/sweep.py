@@ -3,7 +3,8 @@
 For each TP schedule (start, stop, alpha) ONE all-layer pass gives the score at every exit layer: TP before layer i only
 changes ``hidden_states[j]`` for j > i, so the pass with the full schedule reads every ``hidden_states[M]`` exactly as a
 run of that recipe with ``exit_layer: M`` would. The sweep result is stored in the cache under the model's fingerprint
-and the recipe's hash with TP and exit layer removed; ``exit_layer: auto`` looks the recipe's own TP row up there.
+and the recipe's hash with TP and exit layer removed; ``exit_layer: auto`` looks the recipe's own TP row up there
+(:mod:`tpsurgery.sweep_store`).
 
 >>> import tpsurgery
 >>> from tpsurgery.data import load_stsb
@@ -31,26 +32,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .api import apply, as_recipe
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
-from .errors import InputError, RecipeError, TpsurgeryError
+from .errors import InputError, TpsurgeryError
+from .evaluation import _atomic_write_text, cosine, spearman100
+from .plan import compile_plan
 from .resources import renumbered
-from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe, parse_recipe
-
-
-def base_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with no TP and ``exit_layer: auto``: what a sweep varies is removed (its hash keys the store)."""
-    return recipe.replace(tp={}, exit_layer="auto", name="", description="")
-
-
-def sweep_path(fingerprint: str, recipe: Recipe) -> Path:
-    """Where the sweep of ``recipe`` (any TP / exit layer) on the fingerprinted model is stored."""
-    from .models import cache_dir
-
-    return cache_dir() / "sweeps" / fingerprint / f"{base_recipe(recipe).hash()}.json"
-
-
-def _tp_key(recipe: Recipe) -> str:
-    return json.dumps(recipe.tp.model_dump(mode="json"), sort_keys=True)
+from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe
+from .sharing import layer_runs, share_groups
+from .sweep_store import base_recipe, sweep_path
 
 
 @dataclass
@@ -117,8 +107,6 @@ class SweepResult:
 
     def store(self, path: str | os.PathLike | None = None) -> Path:
         """Save the JSON (default: :func:`sweep_path` in the cache, where ``exit_layer: auto`` finds it)."""
-        from .evaluation import _atomic_write_text
-
         target = Path(path) if path is not None else sweep_path(self.fingerprint, self.recipe)
         return _atomic_write_text(target, json.dumps(self.to_dict(), indent=1) + "\n")
 
@@ -155,11 +143,6 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     ``memory_gb``; only the pair cosines are kept. The recipe's own TP schedule and exit layer are ignored.
     ``backend``: as in :func:`tpsurgery.apply` (rows share layers on nnsight only).
     """
-    from .api import apply, as_recipe
-    from .evaluation import cosine, spearman100
-    from .plan import compile_plan
-    from .sharing import layer_runs, share_groups
-
     if not memory_gb > 0:
         raise InputError(None, f"memory_gb must be a positive number of GiB, got {memory_gb!r}")
     recipe = as_recipe(recipe)
@@ -196,7 +179,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         try:
             reads = embedder.encode_schedules(texts, plans, batch_size, share_layers=resume, warn=False)
         except TpsurgeryError as exc:  # name the pair, whatever the chunking
-            k = getattr(exc, "index", None)
+            k = exc.index
             if k is None or not 0 <= k < len(texts):
                 raise
             i, side = first_pair[texts[k]]
@@ -250,30 +233,8 @@ def _listed(indices: set[int]) -> str:
     return ", ".join(map(str, shown[:5])) + (f", ... ({len(shown)} in all)" if len(shown) > 5 else "")
 
 
-def resolve_auto_exit(model: Any, recipe: Recipe, path: str | os.PathLike | None = None) -> int:
-    """The best exit layer for ``recipe``'s TP schedule from the stored sweep (``exit_layer: auto``)."""
-    fp = model_fingerprint(model)
-    p = Path(path) if path is not None else sweep_path(fp, recipe)
-    hint = "run `tpsurgery sweep` with this recipe and model first (it stores the result for 'auto')"
-    if not p.is_file():
-        raise RecipeError("exit_layer", f"'auto' needs a stored sweep for this model and recipe; none at {p}: {hint}")
-    stored = json.loads(p.read_text(encoding="utf-8"))
-    want = _tp_key(recipe)
-    for row in stored["rows"]:
-        if row.get("placeholder_mask") == "all":
-            continue  # the hidden-placeholder baseline stands for the prompt without marker, not for this recipe
-        if json.dumps(parse_recipe({**recipe.to_dict(), "tp": row["tp"]}).tp.model_dump(mode="json"),
-                      sort_keys=True) == want:
-            scores = np.array(row["scores"], dtype=np.float64)
-            return int(np.nanargmax(scores))
-    raise RecipeError("exit_layer", f"'auto': the sweep at {p} has no row for tp={want}; rows: "
-                      f"{', '.join(r['label'] for r in stored['rows'])}. {hint}")
-
-
 def write_outputs(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Path]:
     """``sweep.json``, ``heatmap.png`` and ``best.yaml`` in ``out_dir`` (plus the cache copy used by 'auto')."""
-    from .evaluation import _atomic_write_text
-
     out = Path(out_dir)
     return {"json": result.store(out / "sweep.json"), "heatmap": result.heatmap(out / "heatmap.png"),
             "best": _atomic_write_text(out / "best.yaml", dump_recipe(result.best_recipe())),
