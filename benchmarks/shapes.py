@@ -163,6 +163,8 @@ def bench(label, model, bare_model, tok, device, batch_size, n, rounds, log) -> 
             vs[k].encode(texts, batch_size=batch_size)
         mem[k] = round(pm.peak, 1)
 
+    syncs = count_syncs(vs, texts, batch_size) if device.startswith("cuda") else None
+
     def ratio(a, b):
         return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 4)
 
@@ -175,7 +177,25 @@ def bench(label, model, bare_model, tok, device, batch_size, n, rounds, log) -> 
         "max_rel_diff_vs_bare": {k: float(abs(check[k] - check["bare"]).max()) / scale for k in ("peol", "naive")},
         "sentences_per_s": {k: round(n / statistics.median(v), 2) for k, v in times.items()},
         "peak_mem_mb": mem,
+        "host_device_syncs_per_encode": syncs,
     }
+
+
+def count_syncs(vs: dict, texts: list[str], batch_size: int) -> dict:
+    """Host-device synchronizations of one encode per variant (``torch.cuda.set_sync_debug_mode``, CUDA only)."""
+    import warnings
+
+    out = {}
+    for k in ("bare", "peol", "tp"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                vs[k].encode(texts, batch_size=batch_size)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out[k] = sum("synchroniz" in str(w.message) for w in seen)
+    return out
 
 
 def show(res: dict, target_bare: float) -> str:
@@ -189,6 +209,9 @@ def show(res: dict, target_bare: float) -> str:
     lines.append("  max |diff| / max |bare|: " + ", ".join(f"{k} {v:.1e}" for k, v in res["max_rel_diff_vs_bare"].items()))
     lines.append("  sentences/s: " + ", ".join(f"{k} {v:.1f}" for k, v in res["sentences_per_s"].items()))
     lines.append("  peak MB:     " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_mem_mb"].items()))
+    if res["host_device_syncs_per_encode"]:
+        lines.append("  host-device syncs per encode: " + ", ".join(
+            f"{k} {v}" for k, v in res["host_device_syncs_per_encode"].items()))
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from .batching import Progress, check_budget, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
-from .resources import at_user_index, eval_mode, non_finite_message, run_splitting
+from .resources import PENDING_BYTES, at_user_index, eval_mode, flush_results, non_finite_message, run_splitting
 from .recipe import Recipe
 
 
@@ -350,6 +350,7 @@ class Embedder:
         buckets = prefix is not None and prefix.needs_buckets(max(len(r.ids) for r in rows))  # sliding windows
         out = torch.empty((len(texts), *tail), dtype=torch.float32)
         oom: dict = {}  # out-of-memory splits: the batch size that fits (tpsurgery.resources)
+        pending: list = []  # accelerator results not yet copied back: one copy (one sync) per PENDING_BYTES
         for idx, batch in self.batches(rows, batch_size, plan, exact_length=buckets, max_tokens=max_tokens):
             if plan.pooling == "mean":
                 empty = (batch.text_mask.sum(1) == 0).nonzero()
@@ -359,13 +360,17 @@ class Embedder:
             def run(part: list[int], whole=batch, idx=idx):  # a half of the batch is collated like the batch
                 b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.source, indices=part,
                                                       hide_placeholders=plan.hide_placeholders)
-                return run_batch(b, run_kw).cpu()
+                return run_batch(b, run_kw)
 
             values = run_splitting(run, idx, oom)
-            out[torch.tensor(idx)] = values
-            if on_batch is not None:
+            if on_batch is not None:  # the per-batch store needs this batch's values on the host now
+                values = values.cpu()
                 on_batch(idx, values)
+            pending.append((idx, values))
+            if values.device.type == "cpu" or sum(t.numel() for _, t in pending) * 4 > PENDING_BYTES:
+                flush_results(out, pending)
             progress.advance(len(idx))
+        flush_results(out, pending)
         return out
 
     def _prefix(self, rows: Sequence[Encoded], plan: Plan) -> Prefix | None:

@@ -44,6 +44,24 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+PENDING_BYTES = 2**26  # results an encode keeps on the accelerator between copies to the host
+
+
+def flush_results(out: torch.Tensor, pending: list) -> None:
+    """Write pending ``(indices, result)`` batches into ``out`` with one device-to-host copy; empties ``pending``.
+
+    Copying each batch's result at once would make the host wait for the device after every batch.
+
+    >>> out = torch.zeros(3, 2); pending = [([2], torch.ones(1, 2)), ([0], 2 * torch.ones(1, 2))]
+    >>> flush_results(out, pending); out[:, 0].tolist(), pending
+    ([2.0, 0.0, 1.0], [])
+    """
+    if pending:
+        idx = [i for ids, _ in pending for i in ids]
+        out[torch.tensor(idx)] = torch.cat([t for _, t in pending]).cpu()
+        pending.clear()
+
+
 def run_splitting(run: Callable[[list[int]], torch.Tensor], idx: Sequence[int], state: dict) -> torch.Tensor:
     """``run(idx)``; on out of memory, ``run`` each half and concatenate (rows keep their order).
 
