@@ -13,7 +13,8 @@ prefix reuse off everywhere, tokenization included in every time:
 * ``peol`` / ``tp``: tpsurgery's ``encode`` of PromptEOL / PromptEOL + TP before layers [1, 8).
 * ``half`` / ``full``: tpsurgery PromptEOL exiting at ``hidden_states[n // 2]`` / ``hidden_states[n]`` (final norm).
 
-``bare`` and ``naive`` run on a deep copy of the model: nnsight puts a forward wrapper on every module of the model it
+``bare`` and ``naive`` run on their own deep copy of the model (tpsurgery on another; both copies are fresh
+allocations, so a file-backed loaded model does not favour one side): nnsight puts a forward wrapper on every module of the model it
 traces, and those cost time outside a trace too. Variants run interleaved in rounds (rotating order); each ratio is the
 median over rounds of the per-round ratio. Times are process CPU time on the CPU (robust to other jobs on a shared
 machine; with one torch thread nothing overlaps) and wall time with ``torch.cuda.synchronize`` on CUDA.
@@ -238,8 +239,11 @@ def main(argv=None) -> int:
     smol = tpsurgery.load_model("smollm2-135m", dtype=dtype)
     results = []
     for shape in args.shapes.split(","):
-        model, tok = build(shape, dtype, args.device, smol)
-        bare_model = copy.deepcopy(model)  # nnsight wraps every module of the model it traces; the limit runs unwrapped
+        built, tok = build(shape, dtype, args.device, smol)
+        # two copies with the same kind of memory (a loaded model's weights may be file-backed): nnsight wraps every
+        # module of the model it traces, so the limit and the naive forward run on their own, unwrapped copy
+        model, bare_model = copy.deepcopy(built), copy.deepcopy(built)
+        del built
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             res = bench(shape, model, bare_model, tok, args.device, bs, args.n1 if bs == 1 else args.n, args.rounds, log)
             results.append(res)
