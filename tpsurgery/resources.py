@@ -58,7 +58,7 @@ def flush_results(out: torch.Tensor, pending: list) -> None:
     """
     if pending:
         idx = [i for ids, _ in pending for i in ids]
-        out[torch.tensor(idx)] = torch.cat([t for _, t in pending]).cpu()
+        out[torch.tensor(idx)] = torch.cat([t.cpu() for _, t in pending])  # device_map models: any devices
         pending.clear()
 
 
