@@ -12,7 +12,8 @@ import torch
 
 from tpsurgery.arch import arch_for, get_path
 from tpsurgery.backends.pooling import pool
-from tpsurgery.backends.surgery import overwrite_placeholders, write_initial
+from tpsurgery.backends.surgery import apply_edits
+from tpsurgery.errors import BackendError
 from tpsurgery.plan import Batch, Plan
 
 
@@ -21,7 +22,7 @@ class _Stop(Exception):
 
 
 class HookBackend:
-    """TP with ``register_forward_pre_hook`` on the scheduled layers and an early stop by exception (batched)."""
+    """The plan's edits (sites embed, layer_in, layer_out) by plain forward (pre-)hooks and an early stop by exception (batched)."""
 
     name = "hooks"
 
@@ -36,12 +37,20 @@ class HookBackend:
         device = next(self.model.parameters()).device
         handles = []
         got: list[torch.Tensor] = []
-        has_ph = batch.placeholders.shape[1] > 0
-        if has_ph and plan.init_vector is not None:
-            handles.append(self.embed.register_forward_hook(lambda m, a, out: write_initial(out, plan, batch)))
-        for i in plan.tp_layers if has_ph else ():
-            handles.append(self.layers[i].register_forward_pre_hook(
-                lambda m, args: (overwrite_placeholders(args[0], plan, batch), *args[1:])))
+        for layer, sites in plan.by_layer().items():  # the plan's edits, each applied by the engine's own op code
+            for site, edits in sites.items():
+                if site == "embed":
+                    handles.append(self.embed.register_forward_hook(
+                        lambda m, a, out, e=edits: apply_edits(out, e, batch)))
+                elif site == "layer_in":
+                    handles.append(self.layers[layer].register_forward_pre_hook(
+                        lambda m, args, e=edits: (apply_edits(args[0], e, batch), *args[1:])))
+                elif site == "layer_out":
+                    handles.append(self.layers[layer].register_forward_hook(
+                        lambda m, a, out, e=edits: apply_edits(out, e, batch)))
+                else:
+                    raise BackendError(f"the hook baseline has no site {site!r} (embed, layer_in, layer_out only)",
+                                       layer)
         m = plan.exit_layer
 
         def read(mod, args, out):
