@@ -209,13 +209,17 @@ def test_apply_accepts_nnsight_wrappers_and_rejects_other_objects():
         tpsurgery.apply(model, rec)
 
 
-def test_closing_the_embedder_leaves_the_model_object_exactly_as_it_was():
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_closing_the_embedder_leaves_the_model_object_exactly_as_it_was(fast_path):
     model, tok = tiny_model("llama")
     before = {n: dict(vars(m)) for n, m in model.named_modules()}
     rec = {"prompt": P, "tp": {"start": 0, "stop": 2}, "exit_layer": 3}
     with tpsurgery.apply(model, rec, tokenizer=tok) as emb:
+        emb.backend.fast_path = fast_path
         first = emb.encode(TEXTS)
-        assert any("__nnsight__" in vars(m) for m in model.modules())  # nnsight wraps while in use
+        # nnsight wraps while in use; the hook fast path never wraps, and leaves no hook behind
+        assert any("__nnsight__" in vars(m) for m in model.modules()) != fast_path
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     after = {n: dict(vars(m)) for n, m in model.named_modules()}
     assert after.keys() == before.keys()
     for n in before:

@@ -289,3 +289,25 @@ def test_hidden_placeholders_equal_the_prompt_without_markers(data):
     got = plain_embedder(model, hidden, tok).encode(texts, batch_size=data.draw(batch_sizes(), label="bs"))
     want = plain_embedder(model, bare, tok).encode(texts)
     assert rel_err(got, want) <= BATCH_RTOL
+
+
+# ---------------------------------------------------------------------------------- hook fast path == nnsight trace
+@given(data=st.data())
+@scaled(0.5)
+def test_hook_fast_path_equals_the_nnsight_trace(data):
+    """The trace-free fast path (tpsurgery.backends.hooked) computes bit for bit what the nnsight trace computes, for
+    any recipe (attention edits, hidden placeholders, initial vectors, random edit lists with auxiliary runs, all exit
+    layers), with and without KV reuse."""
+    arch, bos, recipe = draw_case(data, surgery=True)
+    model, tok = model_for(arch, bos=bos)
+    texts = data.draw(sentence_lists(max_size=4), label="texts")
+    per_t = [expected_rows(recipe, t, texts, model, bos) for t in recipe.templates]
+    assume(all(valid(recipe, rows) for rows in per_t))
+    bs = data.draw(batch_sizes(), label="batch_size")
+    kw = dict(batch_size=bs, all_layers=data.draw(st.booleans(), label="all_layers"), convert_to_tensor=True)
+    prefix = data.draw(st.booleans(), label="prefix_cache")
+    fast = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=prefix)
+    traced = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=prefix)
+    traced.backend.fast_path = False
+    got, want = fast.encode(texts, **kw), traced.encode(texts, **kw)
+    assert torch.equal(got, want), f"fast path != trace: max diff {(got - want).abs().max()}"

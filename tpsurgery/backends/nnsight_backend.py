@@ -5,6 +5,11 @@ point (embedding output, a layer's inputs and attention mask, its o_proj input, 
 table and applying the edits with :func:`tpsurgery.backends.surgery.apply_edits`; reads the exit layer, then calls
 ``tracer.stop()`` so that later layers, the final norm (unless it is the exit) and the LM head never run. Rows that
 edits take from auxiliary prompt runs are captured first, by a trace of each run that stops after its last site.
+
+Plain runs (``run``, not a resumed part of a shared sweep) take the trace-free fast path by default: the same edits,
+captures and early exit with PyTorch hooks on the touched modules only (:mod:`tpsurgery.backends.hooked`), bit-identical
+to the trace without nnsight's per-module wrappers (docs/performance.md). ``backend.fast_path = False`` traces every
+batch.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..errors import BackendError, TpsurgeryError
 from ..plan import Batch, Plan
 from ..masks import layer_masks, mask_position, replace_mask
 from ..placement import input_device
+from .hooked import batch_to, capture_hooked, run_hooked
 from .pooling import pool
 from .surgery import apply_edits, capture
 
@@ -33,8 +39,9 @@ class NNsightBackend:
     supports_prefix = True  # runs the rest of a sequence on top of a prompt prefix's keys/values (tpsurgery.prefix)
     supports_resume = True  # run_part: starts at a layer from another plan's hidden state (shared sweeps)
 
-    def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None):
+    def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None, fast_path: bool = True):
         self.model = model
+        self.fast_path = fast_path  # plain runs with hooks on the touched modules, no trace (tpsurgery.backends.hooked)
         self.spec = spec or arch_for(model)
         self._owns_envoy = envoy is None
         self._envoy = envoy
@@ -90,10 +97,11 @@ class NNsightBackend:
 
     def _call(self, plan, batch, all_layers, prefix, attention_masks, start=0, hidden=None, keep=()):
         device = input_device(self.model, self.spec)  # a device_map'ed model: where the embedding runs
+        on_device = batch_to(batch, device)  # every tensor copied once (pinned, non-blocking on CUDA)
         kwargs = dict(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device) if attention_masks is None else attention_masks,
-            position_ids=batch.position_ids.to(device),
+            input_ids=on_device.input_ids,
+            attention_mask=on_device.attention_mask if attention_masks is None else attention_masks,
+            position_ids=on_device.position_ids,
             use_cache=False,
         )
         if prefix is not None:  # batch holds the rows after the shared prefix; indices are relative to it
@@ -101,11 +109,20 @@ class NNsightBackend:
                 raise BackendError("prefix reuse cannot be combined with attention-mask edits")
             kwargs = prefix.model_inputs(batch, device)
         try:
+            if self.fast_path and not start and not keep:
+                return self._hooked(plan, on_device, all_layers, kwargs, device), {}
             return self._trace(plan, batch, all_layers, kwargs, start, hidden, keep)
         except TpsurgeryError:
             raise
         except Exception as exc:  # nnsight re-raises model errors from its worker; add context
             raise BackendError(f"nnsight backend failed on a batch of {batch.size}: {type(exc).__name__}: {exc}") from exc
+
+    def _hooked(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, device: torch.device) -> torch.Tensor:
+        masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
+        where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
+        with torch.no_grad():
+            captured = capture_hooked(self.model, self.spec, plan, batch, device) if plan.runs else {}
+            return run_hooked(self.model, self.spec, plan, batch, all_layers, kwargs, masks, where, captured)
 
     def _capture(self, plan: Plan, batch: Batch) -> dict:
         """Rows that ``add`` / ``subtract`` edits take from auxiliary runs: each run is traced on its own batch up to
