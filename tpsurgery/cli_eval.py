@@ -199,19 +199,33 @@ def sweep(
                                     "all that is kept between chunks)"),
     out_dir: Path = typer.Option(Path("sweep-out"), "--out-dir", "-o", help="folder for sweep.json, heatmap.png, best.yaml"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    vary: Optional[list[str]] = typer.Option(None, help="also grid over recipe fields, FIELD=V1,V2 (repeatable; e.g. "
+                                             "edits.layers=3,5,7 edits.factor=0.5,2): one sweep per combination, "
+                                             "written to OUT_DIR/variants.{json,md} and curves.png"),
 ) -> None:
     """Grid over TP stop layer k (and start, alpha) x exit layer M: every M from one pass per TP row."""
-    from .api import resolve_model
+    from .api import as_recipe, resolve_model
     from .evaluation import load_task
     from .sweep import run_sweep, write_outputs
+    from .variants import parse_vary, run_variants, variants
 
     _split_tasks(task, "sts")
+    grid = parse_vary(vary or [])
+    if grid:
+        variants(as_recipe(recipe), grid)  # every variant is a valid recipe before any model is loaded
     pairs = load_task(task, data_dirs(data_dir, hub), limit, spread, hub)
     with quiet(not progress):
         hf_model, tok, _ = resolve_model(model, device=device)
-    res = run_sweep(hf_model, recipe, pairs, stops=parse_ints(stops) if stops else None, starts=parse_ints(starts),
-                    alphas=parse_floats(alphas), baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress,
-                    model_name=model, backend=backend, memory_gb=memory_gb)
+    kw = dict(stops=parse_ints(stops) if stops else None, starts=parse_ints(starts), alphas=parse_floats(alphas),
+              baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress, model_name=model,
+              backend=backend, memory_gb=memory_gb)
+    if grid:
+        found = run_variants(hf_model, as_recipe(recipe), grid, pairs, **kw)
+        typer.echo(found.table(), nl=False)
+        for k, p in found.write(out_dir).items():
+            typer.echo(f"wrote {k}: {p}")
+        return
+    res = run_sweep(hf_model, recipe, pairs, **kw)
     paths = write_outputs(res, out_dir)
     r, m, score = res.best()
     typer.echo(f"best: {res.rows[r]['label']}, exit hidden_states[{m}] -> {score:.2f} on {res.task} "
