@@ -1,15 +1,22 @@
-"""Imports inside tpsurgery flow one way: no module imports, directly or through others, a module that imports it.
+"""Layering: imports inside tpsurgery flow one way, and backends meet a declared contract (no capability probing).
 
-The graph is read from the source (the AST of every ``tpsurgery/**/*.py``), with imports inside functions counted
-like top-level ones: a local import only delays a cycle to run time, it does not remove it.
+No module imports, directly or through others, a module that imports it. The graph is read from the source (the AST
+of every ``tpsurgery/**/*.py``), with imports inside functions counted like top-level ones: a local import only delays
+a cycle to run time, it does not remove it.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
+import pytest
+
 import tpsurgery
+from tpsurgery.backends import Backend, ResumableBackend
+from tpsurgery.errors import BackendError
+from tpsurgery.prompts import Encoded
 
 PACKAGE = Path(tpsurgery.__file__).resolve().parent
 
@@ -88,3 +95,47 @@ def test_import_graph_sees_local_and_relative_imports():
 def test_no_import_cycle_inside_tpsurgery():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles (local imports included):\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# -- backends: the declared contract (tpsurgery.backends), not capability probing ----------------------------------
+def _signature(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def _contract_methods(protocol) -> list[str]:
+    return sorted(n for n, v in vars(protocol).items() if inspect.isfunction(v) and not n.startswith("_"))
+
+
+@pytest.fixture(scope="module")
+def backends():
+    from tpsurgery.backends.nnsight_backend import NNsightBackend
+    from tpsurgery.backends.tl_backend import TransformerLensBackend
+    from tpsurgery.testing import tiny_model
+
+    model, tok = tiny_model("llama", n_layers=2)
+    return NNsightBackend(model), TransformerLensBackend.from_model(model, tok), model
+
+
+def test_both_backends_meet_the_protocol_with_its_exact_signatures(backends):
+    nn, tl, _ = backends
+    assert isinstance(nn, ResumableBackend) and isinstance(tl, Backend) and not isinstance(tl, ResumableBackend)
+    assert (nn.supports_prefix, tl.supports_prefix) == (True, False)
+    assert _contract_methods(Backend) == ["close", "run"] and _contract_methods(ResumableBackend) == ["run_part"]
+    for backend, protocols in ((nn, (Backend, ResumableBackend)), (tl, (Backend,))):
+        for protocol in protocols:
+            for name in _contract_methods(protocol):  # no extra or missing parameters, same defaults
+                assert _signature(getattr(type(backend), name)) == _signature(getattr(protocol, name)), (backend, name)
+
+
+def test_a_backend_without_prefix_support_refuses_a_prefix(backends):
+    from tpsurgery.plan import collate, compile_plan
+    from tpsurgery.prefix import compute_prefix
+    from tpsurgery.recipe import parse_recipe
+
+    _, tl, model = backends
+    plan = compile_plan(parse_recipe("prompt: 'This : {text} means'"), tl.n_layers, 32)
+    prefix = compute_prefix(model, [1, 2, 3])
+    batch = collate([Encoded((4, 5), (), (0, 2))], 0, plan.source)
+    with pytest.raises(BackendError, match="cannot run on a prompt prefix"):
+        tl.run(plan, batch, prefix=prefix)
+    assert tl.run(plan, batch).shape == (1, 32)

@@ -1,6 +1,6 @@
 """Shared sweeps (issue 6/7): plans that agree on their first layers run them once, and nothing changes.
 
-``Embedder.encode_schedules`` must equal one ``encode(all_layers=True)`` per plan, for random decoder families,
+``tpsurgery.sharing.encode_schedules`` must equal one ``encode(all_layers=True)`` per plan, for random decoder families,
 recipes (masks, bidirectional layers, alpha, resume, inits), schedules, texts and batch sizes, with and without
 prompt-prefix reuse; it must also really skip the shared layers (counted), and sweeps must not depend on chunking.
 """
@@ -19,7 +19,7 @@ from prop_support import model_for
 from strategies import archs, batch_sizes, engine_recipes, scaled, sentence_lists
 from tpsurgery.data import load_stsb
 from tpsurgery.plan import compile_plan
-from tpsurgery.sharing import layer_runs, share
+from tpsurgery.sharing import encode_schedules, layer_runs, share
 from tpsurgery.sweep import run_sweep
 from tpsurgery.testing import tiny_model
 
@@ -82,9 +82,9 @@ def test_shared_runs_equal_one_run_per_plan(data):
         want = [emb.encode(texts, batch_size=bs, all_layers=True, plan=p, convert_to_tensor=True) for p in plans]
     except tpsurgery.TpsurgeryError:
         with pytest.raises(tpsurgery.TpsurgeryError):  # an input the plans reject is rejected here too
-            emb.encode_schedules(texts, plans, batch_size=bs)
+            encode_schedules(emb, texts, plans, batch_size=bs)
         return
-    got = emb.encode_schedules(texts, plans, batch_size=bs)
+    got = encode_schedules(emb, texts, plans, batch_size=bs)
     for r, p in enumerate(plans):
         for m in range(p.exit_layer + 1):
             assert rel_err(got[r, m], want[r][:, m]) <= 1e-6, (r, m, share(plans).start)
@@ -100,7 +100,7 @@ def test_shared_layers_are_not_run_again():
     hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
              for i, layer in enumerate(model.model.layers)]
     try:
-        emb.encode_schedules(["a b", "c d e", "f"], plans, batch_size=2)  # two batches
+        encode_schedules(emb, ["a b", "c d e", "f"], plans, batch_size=2)  # two batches
     finally:
         for h in hooks:
             h.remove()
@@ -130,10 +130,10 @@ def test_encode_schedules_names_the_callers_input_and_warns_once():
     emb = tpsurgery.apply(model, "prompt: 'x <PST> {text} y'\npooling: mean", tokenizer=tok)
     plans = [compile_plan(emb.recipe.replace(tp={"start": 1, "stop": k}), 3, 32, emb.placeholder_id) for k in (2, 3)]
     with pytest.raises(tpsurgery.InputError, match="mean pooling") as err:
-        emb.encode_schedules(["a", "a", ""], plans)
+        encode_schedules(emb, ["a", "a", ""], plans)
     assert err.value.index == 2
     with pytest.warns(UserWarning, match="truncated") as rec:
-        emb.encode_schedules(["b", "c " * 600, "c " * 600], plans)
+        encode_schedules(emb, ["b", "c " * 600, "c " * 600], plans)
     assert len([w for w in rec if "truncated" in str(w.message)]) == 1
 
 
@@ -147,7 +147,7 @@ def test_a_row_resumes_from_the_origin_of_a_row_that_starts_too_late():
                           emb.placeholder_id) for sp in spans]
     sharing = share(plans)
     assert (sharing.origin, sharing.start) == ((None, 0, 0), (0, 3, 2))
-    got = emb.encode_schedules(["a b", "c d e"], plans)
+    got = encode_schedules(emb, ["a b", "c d e"], plans)
     for r, p in enumerate(plans):
         want = emb.encode(["a b", "c d e"], all_layers=True, plan=p, convert_to_tensor=True)
         assert all(torch.equal(got[r, m], want[:, m]) for m in range(6))
@@ -160,13 +160,13 @@ def test_mixed_pooling_and_non_finite_rows_are_handled_like_encode():
                   for p in ("last", "mean"))
     for plans in ([last, mean], [mean, last]):  # the mean-pooling plan rejects the empty sentence, whatever the order
         with pytest.raises(tpsurgery.InputError, match="mean pooling") as err:
-            emb.encode_schedules(["a b", ""], plans)
+            encode_schedules(emb, ["a b", ""], plans)
         assert err.value.index == 1
-    assert torch.isfinite(emb.encode_schedules(["a b", ""], [last]).values).all()
+    assert torch.isfinite(encode_schedules(emb, ["a b", ""], [last]).values).all()
     handle = model.model.layers[1].register_forward_hook(lambda m, a, out: out * float("inf"))
     try:
         with pytest.warns(UserWarning, match="not finite"):
-            reads = emb.encode_schedules(["a b", "c"], [last, mean])
+            reads = encode_schedules(emb, ["a b", "c"], [last, mean])
     finally:
         handle.remove()
     assert reads.non_finite == (0, 1)

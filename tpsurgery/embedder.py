@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from .arch import ArchSpec, arch_for, attn_out_module, get_path
+from .backends import Backend
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
@@ -26,7 +26,8 @@ from .batching import Progress, check_budget, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
-from .resources import PENDING_BYTES, at_user_index, eval_mode, flush_results, non_finite_message, run_splitting
+from .resources import PENDING_BYTES, at_user_index, caller_indices, check_texts, eval_mode, flush_results, \
+    non_finite_message, non_finite_rows, run_splitting
 from .recipe import Recipe
 
 
@@ -50,21 +51,6 @@ def _placeholder_id(recipe: Recipe, tokenizer: Any, vocab_size: int) -> int:
         raise RecipeError("placeholder.token_id", f"{p.token_id} is outside the vocabulary (size {vocab_size})")
     return p.token_id
 
-
-
-def _non_finite_rows(values: torch.Tensor) -> list[int]:
-    """Rows (first axis) with a NaN or inf anywhere."""
-    return (~torch.isfinite(values.reshape(len(values), -1))).any(1).nonzero()[:, 0].tolist()
-
-
-def _caller_indices(rows, todo: Sequence[str], texts: Sequence[str]) -> list[int]:
-    """Sorted first positions in the caller's ``texts`` of the de-duplicated ``todo[i]`` for ``i`` in ``rows``.
-
-    >>> _caller_indices({0, 1}, ["b", "a"], ["a", "b", "a"])
-    [0, 1]
-    """
-    first = {t: i for i, t in reversed(list(enumerate(texts)))}
-    return sorted(first[todo[i]] for i in rows)
 
 @dataclass
 class EncodeStats:
@@ -98,7 +84,7 @@ class Embedder:
     Made by :func:`tpsurgery.apply`, which also resolves ``exit_layer: auto`` (``exit_layer`` overrides the recipe's).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Any, spec: ArchSpec | None = None,
+    def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Backend, spec: ArchSpec | None = None,
                  prefix_cache: bool | None = None, embedding_cache: Any = None, exit_layer: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -106,7 +92,7 @@ class Embedder:
         self.backend = backend
         self.spec = spec or arch_for(model)
         self.n_layers = len(get_path(model, self.spec.layers))
-        hidden = get_path(model, self.spec.embed).weight.shape[1]
+        self.hidden_size = hidden = get_path(model, self.spec.embed).weight.shape[1]
         vocab = get_path(model, self.spec.embed).weight.shape[0]
         if not getattr(tokenizer, "is_fast", False):  # placeholders sit on token boundaries from offset mappings
             raise ModelError(f"tpsurgery needs a fast (Rust-backed) tokenizer with offset mappings; got "
@@ -184,11 +170,11 @@ class Embedder:
         resumes. ``show_progress_bar``: ``True``, or a caller's bar (``update(n)``) advanced by the call's texts.
         """
         single = isinstance(sentences, str)
-        texts = [sentences] if single else list(self._check_texts(sentences))
+        texts = [sentences] if single else check_texts(sentences)
         check_budget(batch_size, max_tokens)
         plan = plan or self.plan
         if not texts:
-            d = get_path(self.model, self.spec.embed).weight.shape[1]
+            d = self.hidden_size
             out = torch.zeros((0, plan.exit_layer + 1, d) if all_layers else (0, d))
         else:
             unique = list(dict.fromkeys(texts))
@@ -203,12 +189,12 @@ class Embedder:
                     self._store(key, [todo[i] for i in idx], values)
             try:
                 if todo:
-                    per_template = self._per_template(todo, texts, lambda t, cut: self._encode_unique(
+                    per_template = self.per_template(todo, texts, lambda t, cut: self._encode_unique(
                         todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store))[0]
                     new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
-                    bad = _non_finite_rows(new)
+                    bad = non_finite_rows(new)
                     if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
-                        warnings.warn(non_finite_message(_caller_indices(bad, todo, texts)), UserWarning, stacklevel=2)
+                        warnings.warn(non_finite_message(caller_indices(bad, todo, texts)), UserWarning, stacklevel=2)
                     if key is not None and store is None:
                         self._store(key, todo, new)
                     cached.update({t: new[i] for i, t in enumerate(todo)})
@@ -231,64 +217,6 @@ class Embedder:
         if good:
             self.embedding_cache.put(key, good)
 
-    def encode_schedules(self, sentences: Sequence[str], plans: Sequence[Plan], batch_size: int = 32,
-                         share_layers: bool = True, show_progress_bar: Any = None, warn: bool = True,
-                         max_tokens: int | None = None) -> Any:
-        """Every ``hidden_states[M]`` (M = 0..exit) of several plans, first layers they agree on computed once.
-
-        For sweeps: TP [1, k) for k = 2..L agree on layers < k-1, so each row runs only the layers after its
-        predecessor's last shared one (:mod:`tpsurgery.sharing`; ``share_layers=False`` or a backend without
-        ``run_part``: each plan on its own). Returns a :class:`~tpsurgery.sharing.LayerReads`: ``result[r, M]`` is
-        ``[n, d]``, equal to ``encode(..., all_layers=True, plan=plans[r])[:, M]``. Peak memory: about twice the
-        result. ``warn=False``: truncated / non-finite inputs are only listed in the result, not warned about.
-
-        >>> import tpsurgery
-        >>> from tpsurgery.plan import compile_plan
-        >>> from tpsurgery.testing import tiny_model
-        >>> model, tok = tiny_model("llama", n_layers=3)
-        >>> emb = tpsurgery.apply(model, "prompt: '<PST> {text} means'", tokenizer=tok)
-        >>> plans = [compile_plan(emb.recipe.replace(tp={"start": 1, "stop": k}), 3, 32) for k in (2, 3)]
-        >>> reads = emb.encode_schedules(["a b", "c"], plans)
-        >>> reads[1, 3].shape, reads.slots    # hidden_states[0..2] of TP [1,3) are TP [1,2)'s
-        (torch.Size([2, 32]), ((0, 1, 2, 3), (0, 1, 2, 4)))
-        """
-        from .sharing import LayerReads, run_shared, share_groups
-
-        texts = self._check_texts(sentences)
-        check_budget(batch_size, max_tokens)
-        unique = list(dict.fromkeys(texts))
-        d = get_path(self.model, self.spec.embed).weight.shape[1]
-        groups = share_groups(plans, share_layers and getattr(self.backend, "supports_resume", False))
-        slots, n = [()] * len(plans), 0
-        for members, sharing in groups:
-            for r, row in zip(members, sharing.slots):
-                slots[r] = tuple(n + k for k in row)
-            n += sharing.n_slots
-        values = torch.zeros(len(unique), n, d)  # template results are added in place: no per-template copies
-        progress = Progress(show_progress_bar, len(unique), 1 / (len(groups) * len(self.recipe.templates)))
-
-        def add_template(template: str, cut: set) -> None:
-            off = 0
-            for members, sharing in groups:
-                run = functools.partial(run_shared, self.backend, [plans[r] for r in members], sharing, d)
-                values[:, off: off + sharing.n_slots] += self._encode_rows(
-                    unique, template, batch_size, progress, plans[members[0]], (sharing.n_slots, d), run, cut,
-                    max_tokens)
-                off += sharing.n_slots
-
-        try:
-            truncated = self._per_template(unique, texts, add_template, warn)[1] if unique else []
-        finally:
-            progress.close()
-        values /= len(self.recipe.templates)
-        bad = _caller_indices(_non_finite_rows(values), unique, texts)
-        if bad and warn:
-            warnings.warn(non_finite_message(bad), UserWarning, stacklevel=2)
-        if texts != unique:
-            where = {t: i for i, t in enumerate(unique)}
-            values = values[torch.tensor([where[t] for t in texts], dtype=torch.long)]
-        return LayerReads(values, tuple(slots), tuple(truncated), tuple(bad))
-
     def _cached(self, unique: list[str], plan: Plan, all_layers: bool) -> tuple[dict, str | None]:
         """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""
         if self.embedding_cache is None:
@@ -300,44 +228,36 @@ class Embedder:
                         plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)])
         return self.embedding_cache.get(key, unique), key
 
-    @staticmethod
-    def _check_texts(sentences: Any) -> list[str]:
-        if isinstance(sentences, (bytes, dict)) or not hasattr(sentences, "__iter__"):
-            raise InputError(None, f"sentences must be a str or a list of str, got {type(sentences).__name__}")
-        texts = list(sentences)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise InputError(i, f"expected a str, got {type(t).__name__}")
-        return texts
-
-    def _per_template(self, todo: list[str], texts: list[str], encode_one, warn: bool = True) -> tuple[list, list]:
+    # -- the building blocks of encode (also of tpsurgery.sharing.encode_schedules) --------------------------------
+    def per_template(self, todo: list[str], texts: list[str], encode_one, warn: bool = True) -> tuple[list, list]:
         """``encode_one(template, truncated)`` for each template on the distinct texts ``todo``, in eval mode; errors
         name indices of the caller's ``texts``. Returns the results and the caller's indices of truncated texts (one
         warning lists them unless ``warn`` is False)."""
-        truncated: set[int] = set()  # indices into todo, filled by _encode_rows
+        truncated: set[int] = set()  # indices into todo, filled by encode_rows
         try:
             with eval_mode(self.model):  # a model left in training mode would apply dropout
                 out = [encode_one(t, truncated) for t in self.recipe.templates]
         except TpsurgeryError as exc:  # indices of `todo` -> indices of the caller's list
             raise at_user_index(exc, todo, texts) from exc.__cause__
-        cut = _caller_indices(truncated, todo, texts)
+        cut = caller_indices(truncated, todo, texts)
         if cut and warn:
             warnings.warn(truncation_message(cut, self.max_length), UserWarning, stacklevel=3)
         return out, cut
 
     def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated, max_tokens=None,
                        on_batch=None) -> torch.Tensor:
-        d = get_path(self.model, self.spec.embed).weight.shape[1]
+        d = self.hidden_size
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
-        return self._encode_rows(texts, template, batch_size, progress, plan, tail,
-                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
-                                 max_tokens, on_batch)
+        return self.encode_rows(texts, template, batch_size, progress, plan, tail,
+                                lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
+                                max_tokens, on_batch)
 
-    def _encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
-                     on_batch=None) -> torch.Tensor:
-        """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts``; rows back in order.
-        Adds the indices of truncated texts to ``truncated``; ``progress`` advances and ``on_batch(indices, values)``
-        is called as each batch finishes."""
+    def encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
+                    on_batch=None) -> torch.Tensor:
+        """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts`` in ``template`` (one result
+        row of shape ``tail`` per text; prompt-prefix reuse, token budgets and out-of-memory splits as in ``encode``);
+        rows back in order. Adds the indices of truncated texts to ``truncated``; ``progress`` advances and
+        ``on_batch(indices, values)`` is called as each batch finishes."""
         rows = self.tokenize(texts, template, warn=False)
         if plan.runs:  # the same sentences in the auxiliary prompts, batched alongside (Batch.others)
             aux = [(name, self.tokenize(texts, t, warn=False)) for name, t in plan.runs]
@@ -378,7 +298,7 @@ class Embedder:
         enabled = self.prefix_cache
         if enabled is None:  # auto: measured to pay on the CPU, not on a GPU (docs/performance.md)
             enabled = input_device(self.model, self.spec).type == "cpu"
-        if not (enabled and getattr(self.backend, "supports_prefix", False)) or plan.needs_masks:
+        if not (enabled and self.backend.supports_prefix) or plan.needs_masks:
             return None
         n = shared_prefix_length(rows, plan.source)
         prefix = self._prefixes.get(rows[0].ids[:n]) if n > 0 else None
@@ -392,9 +312,7 @@ class Embedder:
 
         ``with tpsurgery.apply(model, recipe) as emb: ...`` closes on exit, also on exceptions.
         """
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def __enter__(self) -> "Embedder":
         return self

@@ -302,7 +302,7 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return run_record(name, embedder.recipe, kind, {t: scores[t] for t in tasks}, sets,
                       time.perf_counter() - t0, limit, details, names=list(tasks), spread=spread,
-                      backend=getattr(embedder.backend, "name", None))
+                      backend=embedder.backend.name)
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:

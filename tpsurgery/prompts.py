@@ -129,7 +129,7 @@ def encode_prompts(
             tok.check_text(enc["input_ids"][i], enc["offset_mapping"][i], span, i)
             e = _splice(enc["input_ids"][i], enc["offset_mapping"][i], markers, span, placeholder_id)
             if max_length is not None and len(e.ids) > max_length:
-                e = _truncate(tok, pieces, text, e, placeholder_id, max_length, enc["offset_mapping"][i], i)
+                e = _truncate(tok, pieces, text, placeholder_id, max_length, i)
             out.append(e)
     cut = [i for i, e in enumerate(out) if e.truncated]
     if cut and warn:
@@ -189,7 +189,7 @@ class _Tokenize:
                                         "tokens too, so it cannot be split off safely")
 
 
-def _truncate(tokenizer, pieces, text, e, placeholder_id, max_length, offsets, index) -> Encoded:
+def _truncate(tokenizer, pieces, text, placeholder_id, max_length, index) -> Encoded:
     def encode_cut(cut: int) -> Encoded:
         f_str, markers, span2 = _fill(pieces, text[:cut])
         enc = tokenizer([f_str])

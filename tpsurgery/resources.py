@@ -102,6 +102,44 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+def check_texts(sentences: Any) -> list[str]:
+    """The list of texts to embed; anything but an iterable of ``str`` is an :class:`InputError` naming the input.
+
+    >>> check_texts(("a", "b"))
+    ['a', 'b']
+    >>> check_texts(["a", 3])
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.InputError: input 1: expected a str, got int
+    """
+    if isinstance(sentences, (bytes, dict)) or not hasattr(sentences, "__iter__"):
+        raise InputError(None, f"sentences must be a str or a list of str, got {type(sentences).__name__}")
+    texts = list(sentences)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(i, f"expected a str, got {type(t).__name__}")
+    return texts
+
+
+def caller_indices(rows, todo: Sequence[str], texts: Sequence[str]) -> list[int]:
+    """Sorted first positions in the caller's ``texts`` of the de-duplicated ``todo[i]`` for ``i`` in ``rows``.
+
+    >>> caller_indices({0, 1}, ["b", "a"], ["a", "b", "a"])
+    [0, 1]
+    """
+    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+    return sorted(first[todo[i]] for i in rows)
+
+
+def non_finite_rows(values: torch.Tensor) -> list[int]:
+    """Rows (first axis) with a NaN or inf anywhere.
+
+    >>> non_finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [2.0, float("inf")]]))
+    [1, 2]
+    """
+    return (~torch.isfinite(values.reshape(len(values), -1))).any(1).nonzero()[:, 0].tolist()
+
+
 def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]) -> TpsurgeryError:
     """``exc`` renumbered from the de-duplicated list ``done`` to the caller's ``texts`` (first occurrence)."""
     index = exc.index

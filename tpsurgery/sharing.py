@@ -4,17 +4,23 @@
 so that each starts from the earlier plan it agrees with longest, resuming at that layer from the hidden state that
 plan keeps (``NNsightBackend.run_part``: earlier layers skipped with nnsight's ``Envoy.skip``); ``run_shared`` runs one
 batch that way and ``LayerReads`` stores every read once (rows share the slots of the layers they share).
-Used by :meth:`tpsurgery.Embedder.encode_schedules` and :func:`tpsurgery.sweep.run_sweep` (docs/evaluation.md).
+:func:`encode_schedules` reads every layer of several plans for a list of texts; :func:`tpsurgery.sweep.run_sweep`
+uses it (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from .backends import Backend, ResumableBackend
+from .batching import Progress, check_budget
 from .plan import Batch, Plan
+from .resources import caller_indices, check_texts, non_finite_message, non_finite_rows
 
 
 def batch_key(plan: Plan) -> tuple:
@@ -129,9 +135,10 @@ def layer_runs(plans: Sequence[Plan], resume: bool = True) -> int:
     return total
 
 
-def run_shared(backend: Any, plans: Sequence[Plan], sharing: Sharing, d: int, batch: Batch,
+def run_shared(backend: Backend, plans: Sequence[Plan], sharing: Sharing, d: int, batch: Batch,
                kw: dict) -> torch.Tensor:
-    """One batch through every plan of a :class:`Sharing` on ``backend``: ``[B, n_slots, d]`` float32 (CPU)."""
+    """One batch through every plan of a :class:`Sharing` on ``backend``: ``[B, n_slots, d]`` float32 (CPU).
+    A sharing that resumes or keeps a layer needs a :class:`ResumableBackend`."""
     out = torch.empty((batch.size, sharing.n_slots, d), dtype=torch.float32)
     last_use = {(q, sharing.start[r]): r for r, q in enumerate(sharing.origin) if q is not None and len(sharing.own(r))}
     kept: dict[tuple[int, int], torch.Tensor] = {}
@@ -154,7 +161,7 @@ def run_shared(backend: Any, plans: Sequence[Plan], sharing: Sharing, d: int, ba
 
 @dataclass(frozen=True)
 class LayerReads:
-    """Pooled ``hidden_states`` of several plans (:meth:`Embedder.encode_schedules`): ``reads[r, M]`` is ``[n, d]``;
+    """Pooled ``hidden_states`` of several plans (:func:`encode_schedules`): ``reads[r, M]`` is ``[n, d]``;
     plans that share a layer share its slot in ``values`` (``[n, slots, d]``), so equal reads are stored once.
     ``truncated`` / ``non_finite``: indices of the inputs that were cut to the model's limit / came out NaN or inf."""
 
@@ -166,3 +173,60 @@ class LayerReads:
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         r, m = key
         return self.values[:, self.slots[r][m]]
+
+
+def encode_schedules(embedder: Any, sentences: Sequence[str], plans: Sequence[Plan], batch_size: int = 32,
+                     share_layers: bool = True, show_progress_bar: Any = None, warn: bool = True,
+                     max_tokens: int | None = None) -> LayerReads:
+    """Every ``hidden_states[M]`` (M = 0..exit) of several plans, first layers they agree on computed once.
+
+    For sweeps: TP [1, k) for k = 2..L agree on layers < k-1, so each row runs only the layers after its
+    predecessor's last shared one (``share_layers=False`` or a backend that is no :class:`ResumableBackend`: each
+    plan on its own). ``embedder``: a :class:`tpsurgery.Embedder` (its templates, batching and prompt-prefix reuse).
+    Returns a :class:`LayerReads`: ``result[r, M]`` is ``[n, d]``, equal to
+    ``embedder.encode(..., all_layers=True, plan=plans[r])[:, M]``. Peak memory: about twice the result.
+    ``warn=False``: truncated / non-finite inputs are only listed in the result, not warned about.
+
+    >>> import tpsurgery
+    >>> from tpsurgery.plan import compile_plan
+    >>> from tpsurgery.testing import tiny_model
+    >>> model, tok = tiny_model("llama", n_layers=3)
+    >>> emb = tpsurgery.apply(model, "prompt: '<PST> {text} means'", tokenizer=tok)
+    >>> plans = [compile_plan(emb.recipe.replace(tp={"start": 1, "stop": k}), 3, 32) for k in (2, 3)]
+    >>> reads = encode_schedules(emb, ["a b", "c"], plans)
+    >>> reads[1, 3].shape, reads.slots    # hidden_states[0..2] of TP [1,3) are TP [1,2)'s
+    (torch.Size([2, 32]), ((0, 1, 2, 3), (0, 1, 2, 4)))
+    """
+    texts = check_texts(sentences)
+    check_budget(batch_size, max_tokens)
+    unique = list(dict.fromkeys(texts))
+    d = embedder.hidden_size
+    groups = share_groups(plans, share_layers and isinstance(embedder.backend, ResumableBackend))
+    slots, n = [()] * len(plans), 0
+    for members, sharing in groups:
+        for r, row in zip(members, sharing.slots):
+            slots[r] = tuple(n + k for k in row)
+        n += sharing.n_slots
+    values = torch.zeros(len(unique), n, d)  # template results are added in place: no per-template copies
+    progress = Progress(show_progress_bar, len(unique), 1 / (len(groups) * len(embedder.recipe.templates)))
+
+    def add_template(template: str, cut: set) -> None:
+        off = 0
+        for members, sharing in groups:
+            run = functools.partial(run_shared, embedder.backend, [plans[r] for r in members], sharing, d)
+            values[:, off: off + sharing.n_slots] += embedder.encode_rows(
+                unique, template, batch_size, progress, plans[members[0]], (sharing.n_slots, d), run, cut, max_tokens)
+            off += sharing.n_slots
+
+    try:
+        truncated = embedder.per_template(unique, texts, add_template, warn)[1] if unique else []
+    finally:
+        progress.close()
+    values /= len(embedder.recipe.templates)
+    bad = caller_indices(non_finite_rows(values), unique, texts)
+    if bad and warn:
+        warnings.warn(non_finite_message(bad), UserWarning, stacklevel=2)
+    if texts != unique:
+        where = {t: i for i, t in enumerate(unique)}
+        values = values[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+    return LayerReads(values, tuple(slots), tuple(truncated), tuple(bad))

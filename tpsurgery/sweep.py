@@ -33,13 +33,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .api import apply, as_recipe
+from .backends import ResumableBackend
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
 from .errors import InputError, TpsurgeryError
 from .evaluation import _atomic_write_text, cosine, spearman100
 from .plan import compile_plan
 from .resources import renumbered
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe
-from .sharing import layer_runs, share_groups
+from .sharing import encode_schedules, layer_runs, share_groups
 from .sweep_store import base_recipe, sweep_path
 
 
@@ -138,7 +139,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     """Score every TP row x exit layer on ``pairs`` (a :class:`~tpsurgery.data.PairSet`, normally STS-B dev).
 
     Each row reads every exit layer from one pass, and rows run the first layers they agree on once
-    (``share_layers``; :meth:`~tpsurgery.embedder.Embedder.encode_schedules`): TP [1, k) for k = 2..30 costs 436
+    (``share_layers``; :func:`~tpsurgery.sharing.encode_schedules`): TP [1, k) for k = 2..30 costs 436
     decoder-layer forwards per batch instead of 870. Pairs are processed in chunks whose pooled reads fit in
     ``memory_gb``; only the pair cosines are kept. The recipe's own TP schedule and exit layer are ignored.
     ``backend``: as in :func:`tpsurgery.apply` (rows share layers on nnsight only).
@@ -159,7 +160,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         plans.append(embedder.plan_for(row_recipe))
         rows.append({"label": label, "tp": row_recipe.tp.model_dump(mode="json"),
                      **({"placeholder_mask": "all"} if hidden_ph else {})})
-    resume = share_layers and getattr(embedder.backend, "supports_resume", False)
+    resume = share_layers and isinstance(embedder.backend, ResumableBackend)
     n_slots = sum(s.n_slots for _, s in share_groups(plans, resume))
     # sentences per chunk: encode_schedules peaks at about twice its [n, slots, d] float32 result
     cap = max(batch_size, int(memory_gb * 2**30 // max(1, 2 * n_slots * hidden * 4)))
@@ -177,7 +178,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         for i in range(hi - 1, lo - 1, -1):
             first_pair.update({pairs.b[i]: (i, "b"), pairs.a[i]: (i, "a")})
         try:
-            reads = embedder.encode_schedules(texts, plans, batch_size, share_layers=resume, warn=False)
+            reads = encode_schedules(embedder, texts, plans, batch_size, share_layers=resume, warn=False)
         except TpsurgeryError as exc:  # name the pair, whatever the chunking
             k = exc.index
             if k is None or not 0 <= k < len(texts):

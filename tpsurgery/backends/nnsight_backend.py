@@ -21,6 +21,7 @@ import torch
 from ..arch import ArchSpec, arch_for, attn_out_module, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..plan import Batch, Plan
+from ..prefix import Prefix
 from ..masks import layer_masks, mask_position, replace_mask
 from ..placement import input_device
 from .hooked import batch_to, capture_hooked, run_hooked
@@ -33,11 +34,11 @@ def _is_nnsight(forward: Any) -> bool:
 
 
 class NNsightBackend:
-    """Runs plans through ``nnsight.NNsight`` wrapped around an unmodified transformers model."""
+    """Runs plans through ``nnsight.NNsight`` wrapped around an unmodified transformers model: a
+    :class:`~tpsurgery.backends.ResumableBackend` (``run_part`` starts at a layer from another plan's hidden state)."""
 
     name = "nnsight"
     supports_prefix = True  # runs the rest of a sequence on top of a prompt prefix's keys/values (tpsurgery.prefix)
-    supports_resume = True  # run_part: starts at a layer from another plan's hidden state (shared sweeps)
 
     def __init__(self, model: Any, envoy: Any | None = None, spec: ArchSpec | None = None, fast_path: bool = True):
         self.model = model
@@ -80,12 +81,12 @@ class NNsightBackend:
             attrs.pop("__nnsight__", None)
         self._envoy, self._forwards = None, {}
 
-    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, attention_masks: Any = None,
-            prefix: Any = None) -> torch.Tensor:
-        return self._call(plan, batch, all_layers, prefix, attention_masks)[0]
+    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, prefix: Prefix | None = None) -> torch.Tensor:
+        return self._call(plan, batch, all_layers, prefix)[0]
 
     def run_part(self, plan: Plan, batch: Batch, start: int = 0, hidden: torch.Tensor | None = None,
-                 keep: tuple[int, ...] = (), prefix: Any = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                 keep: tuple[int, ...] = (), prefix: Prefix | None = None
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One part of a shared sweep (:func:`tpsurgery.sharing.share`): ``[B, n, d]`` pooled reads of
         ``hidden_states[start + 1 .. M]`` (``[0 .. M]`` when ``start`` is 0), and ``{j: hidden_states[j]}`` for the
         layers in ``keep`` (whole sequences, before this plan's edits of layer ``j``).
@@ -93,19 +94,19 @@ class NNsightBackend:
         ``start > 0``: decoder layers ``< start`` do not run; ``hidden`` (``hidden_states[start]`` of a plan that
         agrees with this one on those layers) is what they would have returned.
         """
-        return self._call(plan, batch, True, prefix, None, start, hidden, keep)
+        return self._call(plan, batch, True, prefix, start, hidden, keep)
 
-    def _call(self, plan, batch, all_layers, prefix, attention_masks, start=0, hidden=None, keep=()):
+    def _call(self, plan, batch, all_layers, prefix, start=0, hidden=None, keep=()):
         device = input_device(self.model, self.spec)  # a device_map'ed model: where the embedding runs
         on_device = batch_to(batch, device)  # every tensor copied once (pinned, non-blocking on CUDA)
         kwargs = dict(
             input_ids=on_device.input_ids,
-            attention_mask=on_device.attention_mask if attention_masks is None else attention_masks,
+            attention_mask=on_device.attention_mask,
             position_ids=on_device.position_ids,
             use_cache=False,
         )
         if prefix is not None:  # batch holds the rows after the shared prefix; indices are relative to it
-            if plan.needs_masks or attention_masks is not None:
+            if plan.needs_masks:
                 raise BackendError("prefix reuse cannot be combined with attention-mask edits")
             kwargs = prefix.model_inputs(batch, device)
         try:

@@ -45,6 +45,7 @@ from ..edits import SITES
 from ..errors import BackendError, ModelError, TpsurgeryError
 from ..placement import input_device
 from ..plan import Batch, Plan
+from ..prefix import Prefix
 from .pooling import pool
 from .surgery import apply_edits, capture
 
@@ -106,9 +107,11 @@ def boot_bridge(model: Any, tokenizer: Any) -> Any:
 
 
 class TransformerLensBackend:
-    """Runs plans with ``run_with_hooks`` on a TransformerLens ``TransformerBridge``."""
+    """Runs plans with ``run_with_hooks`` on a TransformerLens ``TransformerBridge`` (a
+    :class:`~tpsurgery.backends.Backend`; no prompt-prefix reuse, no resumed runs)."""
 
     name = "transformer_lens"
+    supports_prefix = False
 
     def __init__(self, bridge: Any, spec: ArchSpec | None = None):
         if not is_bridge(bridge):
@@ -124,8 +127,14 @@ class TransformerLensBackend:
         """The backend of a bridge booted from a copy of ``model`` (see :func:`boot_bridge`)."""
         return cls(boot_bridge(model, tokenizer))
 
-    def run(self, plan: Plan, batch: Batch, all_layers: bool = False) -> torch.Tensor:
+    def close(self) -> None:
+        """Nothing to undo: every hook is removed when its run ends, and the user's model was never wrapped."""
+
+    def run(self, plan: Plan, batch: Batch, all_layers: bool = False, prefix: Prefix | None = None) -> torch.Tensor:
         """``[B, d]`` float32 pooled embeddings at the exit layer, or ``[B, M + 1, d]`` with ``all_layers``."""
+        if prefix is not None:
+            raise BackendError("the transformer_lens backend cannot run on a prompt prefix's keys/values "
+                               "(supports_prefix is False)")
         device = input_device(self.model, self.spec)
         m, n = plan.exit_layer, self.n_layers
         reads: list[torch.Tensor] = []
