@@ -113,6 +113,7 @@ class VariantSweeps:
     labels: tuple[str, ...]
     sweeps: tuple[Any, ...]
     exit_layer: int | None
+    name: str = "recipe"  # the varied recipe's name
 
     def table(self) -> str:
         """A markdown table: one line per variant and TP row, score at the recipe's exit and at the best exit."""
@@ -147,7 +148,7 @@ class VariantSweeps:
         first = self.sweeps[0]
         ax.set_xlabel("exit layer M (hidden_states[M])")
         ax.set_ylabel(f"{first.task} Spearman x100")
-        ax.set_title(f"{first.recipe.name or 'recipe'} variants - {first.model} ({first.n_pairs} pairs)", fontsize=9)
+        ax.set_title(f"{self.name} variants - {first.model} ({first.n_pairs} pairs)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
@@ -182,4 +183,4 @@ def run_variants(model: Any, recipe: Recipe, vary: dict[str, list], pairs: Any, 
         n_layers = res.n_layers
     e = recipe.exit_layer
     exit_layer = None if not isinstance(e, int) or n_layers is None else (e if e >= 0 else n_layers + 1 + e)
-    return VariantSweeps(tuple(labels), tuple(sweeps), exit_layer)
+    return VariantSweeps(tuple(labels), tuple(sweeps), exit_layer, recipe.name or "recipe")
