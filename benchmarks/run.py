@@ -43,7 +43,7 @@ def sentences(n: int) -> list[str]:
 
 
 def recipe(name: str, **changes):
-    return tpsurgery.load_recipe(str(ROOT / "recipes" / f"{name}.yaml")).replace(**changes)
+    return tpsurgery.load_recipe(name).replace(**changes)
 
 
 def variants(model, tok) -> dict[str, tpsurgery.Embedder]:

@@ -29,7 +29,7 @@ from tpsurgery.sweep import run_sweep  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-prompteol-tp.yaml"))
+    ap.add_argument("--recipe", default="smollm2-prompteol-tp")
     ap.add_argument("--pairs", type=int, default=48, help="first N STS-B dev pairs")
     ap.add_argument("--stops", default="2-30", help="TP stop layers k, as lo-hi (inclusive); start is 1")
     ap.add_argument("--rounds", type=int, default=2)

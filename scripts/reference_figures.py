@@ -32,7 +32,7 @@ SETTINGS = {
     "TP [1,2), gaussian": (dict(prompt=P, tp={"start": 1, "stop": 2}, placeholder={"init": "gaussian"}), None),
     "TP [1,2), space token": (dict(prompt=P, tp={"start": 1, "stop": 2}, placeholder={"init": "token", "token": " "}),
                               None),
-    "TP [1,2), official compat": ("recipes/smollm2-prompteol-tp-official.yaml", None),
+    "TP [1,2), official compat": ("smollm2-prompteol-tp-official", None),
 }
 
 

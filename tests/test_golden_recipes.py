@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import tpsurgery
+from tpsurgery.library import RECIPE_DIR
 from tpsurgery.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ GOLDEN = ROOT / "tests" / "golden" / "recipe-embeddings.npz"
 TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field while a child watches",
          'He said "no"?', "x"]
 TINY = ("llama", "gemma2", "gpt2", "falcon")
-RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if not p.stem.startswith("cp-")
+RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("cp-")
                  and "-cp" not in p.stem)
 
 
@@ -33,7 +34,7 @@ def embed_all(model, tok, key: str) -> dict[str, np.ndarray]:
     """``{key/recipe: [4, d]}`` with prefix reuse at its default (batch 3) and ``{key/recipe/nocache}`` without (batch 2)."""
     out = {}
     for name in RECIPES:
-        recipe = tpsurgery.load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        recipe = tpsurgery.load_recipe(RECIPE_DIR / f"{name}.yaml")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with tpsurgery.apply(model, recipe, tokenizer=tok) as emb:

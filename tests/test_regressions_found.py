@@ -46,7 +46,7 @@ def test_official_compat_keeps_bos_when_the_template_starts_empty(template):
     assert emb.encode("").shape == (model.config.hidden_size,)
 
 
-@pytest.mark.parametrize("recipe", ["recipes/echo.yaml", {"prompt": "{text}{text}"}])
+@pytest.mark.parametrize("recipe", ["echo", {"prompt": "{text}{text}"}])
 def test_truncation_with_two_text_slots(recipe):
     """Exact-mode truncation read the cut off the last {text} slot's offsets, but the cut shrinks every slot: with
     two slots (the shipped echo recipe) a sentence past the limit raised 'the prompt alone is longer than the model's

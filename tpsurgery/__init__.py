@@ -1,7 +1,7 @@
 """tpsurgery: training-free surgery (Token Prepending and friends) that turns decoder LLMs into sentence embedders.
 
 >>> import tpsurgery
->>> recipe = tpsurgery.load_recipe("recipes/smollm2-prompteol-tp.yaml")
+>>> recipe = tpsurgery.load_recipe("smollm2-prompteol-tp")
 >>> recipe.tp.spans[0].start, recipe.exit_layer
 (1, -3)
 """

@@ -3,9 +3,9 @@
 >>> import tpsurgery
 >>> from tpsurgery.testing import tiny_model
 >>> model, tok = tiny_model("gpt2")
->>> tpsurgery.apply(model, "recipes/smollm2-prompteol.yaml", tokenizer=tok).plan.exit_layer
+>>> tpsurgery.apply(model, "smollm2-prompteol", tokenizer=tok).plan.exit_layer
 2
->>> tpsurgery.apply(42, "recipes/prompteol.yaml")
+>>> tpsurgery.apply(42, "prompteol")
 Traceback (most recent call last):
 ...
 tpsurgery.errors.ModelError: cannot apply a recipe to int. Accepted: a transformers causal LM (PreTrainedModel), an nnsight NNsight/TransformersModel wrapping one, a TransformerLens TransformerBridge, a model name or path (Hugging Face id, local folder, .gguf file, or 'smollm2-135m')
@@ -37,10 +37,7 @@ def as_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
     """A Recipe from a Recipe, a mapping, a YAML file path, a shipped recipe name, or YAML text."""
     if isinstance(recipe, (Recipe, dict)):
         return parse_recipe(recipe)
-    text = str(recipe)
-    if "\n" not in text and (Path(text).suffix in (".yaml", ".yml", ".json") or ":" not in text):
-        return load_recipe(text)
-    return parse_recipe(text)
+    return load_recipe(recipe if isinstance(recipe, str) else Path(recipe))
 
 
 def _tokenizer_for(model: Any) -> Any:

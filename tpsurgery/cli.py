@@ -1,7 +1,7 @@
 """The ``tpsurgery`` command line (typer).
 
 >>> from typer.testing import CliRunner
->>> result = CliRunner().invoke(app, ["recipe", "validate", "recipes/smollm2-prompteol-tp.yaml"])
+>>> result = CliRunner().invoke(app, ["recipe", "validate", "smollm2-prompteol-tp"])
 >>> result.exit_code, result.output.split()[0]
 (0, 'ok:')
 """

@@ -1,19 +1,22 @@
-"""The shipped recipe library (``recipes/*.yaml``), and recipes loaded by file path or shipped name.
+"""The shipped recipe library: ``tpsurgery/recipes/*.yaml``, installed with the package (package data), so a recipe
+loads by name from any folder: ``tpsurgery.load_recipe("smollm2-prompteol-tp")``.
 
 >>> "prompteol-tp" in [name for name, _ in list_recipes()]
 True
->>> load_recipe("prompteol-tp") == load_recipe("recipes/prompteol-tp.yaml")
+>>> find_recipe("recipes/prompteol-tp.yaml") == find_recipe("prompteol-tp") == RECIPE_DIR / "prompteol-tp.yaml"
 True
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import difflib
+import re
+from pathlib import Path, PurePath
 
 from .errors import RecipeError
 from .recipe import Recipe, parse_recipe, read_recipe
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 def list_recipes() -> list[tuple[str, str]]:
@@ -24,17 +27,50 @@ def list_recipes() -> list[tuple[str, str]]:
     return [(name, desc[0]) for name, desc in out]
 
 
+def shipped_name(name: str) -> str | None:
+    """The shipped-recipe name a reference means: ``NAME``, ``NAME.yaml`` or ``recipes/NAME.yaml`` (the library's
+    folder in a source checkout before it moved into the package); None for any other path.
+
+    >>> shipped_name("recipes/echo.yaml"), shipped_name("echo"), shipped_name("my/dir/echo.yaml")
+    ('echo', 'echo', None)
+    """
+    p = PurePath(name.replace("\\", "/"))
+    if len(p.parts) > 2 or (len(p.parts) == 2 and p.parts[0] != "recipes") or p.suffix not in ("", ".yaml"):
+        return None
+    return p.name.removesuffix(".yaml")
+
+
 def find_recipe(name: str) -> Path:
-    """Path of a shipped recipe by name; the error lists the shipped names."""
-    p = RECIPE_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if p.exists():
+    """Path of a shipped recipe by name (or ``recipes/NAME.yaml``); the error lists the shipped names."""
+    stem = shipped_name(name)
+    p = RECIPE_DIR / f"{stem}.yaml" if stem else None
+    if p is not None and p.is_file():
         return p
-    names = ", ".join(p.stem for p in sorted(RECIPE_DIR.glob("*.yaml")))
-    raise RecipeError("<recipe>", f"no recipe file or shipped recipe named {name!r}; shipped: {names}")
+    names = [q.stem for q in sorted(RECIPE_DIR.glob("*.yaml"))]
+    close = difflib.get_close_matches(stem or PurePath(name).stem, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise RecipeError("<recipe>", f"no recipe file or shipped recipe named {name!r}{hint} (shipped: {', '.join(names)})")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe from a YAML (or JSON) file (:func:`~tpsurgery.recipe.read_recipe`), or a shipped recipe by name
-    (``tpsurgery recipes list``) when no such file exists."""
-    p = Path(path)
-    return read_recipe(p if p.exists() else find_recipe(str(path)))
+def _is_recipe_text(source: str) -> bool:
+    """YAML/JSON text rather than a file name: a line break, a leading ``{``, or ``key: value`` (no such file).
+
+    >>> _is_recipe_text("exit_layer: 3"), _is_recipe_text("recipes/echo.yaml"), _is_recipe_text("C:/r.yaml")
+    (True, False, False)
+    """
+    if "\n" in source or source.lstrip().startswith("{"):
+        return True
+    return re.search(r":\s", source) is not None and not Path(source).exists()
+
+
+def load_recipe(source: str | Path) -> Recipe:
+    """A recipe from a YAML (or JSON) file (:func:`~tpsurgery.recipe.read_recipe`), a shipped recipe by name
+    (``tpsurgery recipes list``; also ``recipes/NAME.yaml``) when no such file exists, or YAML text.
+
+    >>> load_recipe("smollm2-prompteol-tp").name, load_recipe("exit_layer: 3").exit_layer
+    ('smollm2-prompteol-tp', 3)
+    """
+    if isinstance(source, str) and _is_recipe_text(source):
+        return parse_recipe(source)
+    p = Path(source)
+    return read_recipe(p if p.exists() else find_recipe(str(source)))

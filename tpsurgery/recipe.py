@@ -381,7 +381,7 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a YAML (or JSON) file; errors name the file. Shipped recipes by name:
     :func:`tpsurgery.library.load_recipe` (``tpsurgery.load_recipe``).
 
-    >>> read_recipe("recipes/prompteol-tp.yaml").tp.spans[0].stop
+    >>> read_recipe(Path(__file__).parent / "recipes" / "prompteol-tp.yaml").tp.spans[0].stop
     8
     """
     p = Path(path)
