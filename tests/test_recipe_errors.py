@@ -32,7 +32,7 @@ def _bomb() -> str:
 # (id, recipe source (dict or YAML text), needs the model, field the error must name, a fragment of the message)
 CASES = [
     # unknown keys, at every level
-    ("unknown-top-key", {"promt": "x {text}"}, False, "promt", "unknown key (allowed here: name,"),
+    ("unknown-top-key", {"promt": "x {text}"}, False, "promt", "unknown key; did you mean `prompt`? (allowed here: name,"),
     ("unknown-tp-key", {"prompt": P, "tp": {**TP, "alpah": 0.5}}, False, "tp.alpah", "allowed here: spans, resume"),
     ("unknown-placeholder-key", {"prompt": P, "placeholder": {"tokenid": 3}}, False, "placeholder.tokenid", "unknown"),
     ("unknown-span-key", {"prompt": P, "tp": {"spans": [{**TP, "step": 1}]}}, False, "tp.spans.0.step", "unknown"),
@@ -199,3 +199,114 @@ def test_a_marker_inside_a_word_is_refused_where_it_splits_a_token(smollm2):
         assert info.value.field == field
     official = tpsurgery.apply(model, {"prompt": odd, "tp": TP, "exit_layer": 2, "compat": "official"}, tokenizer=tok)
     assert official.tokenize(["a"], odd)[0].placeholders == (2,)
+
+
+# ------------------------------------------------------------------- issue 14: errors a researcher can act on
+def test_every_problem_is_reported_at_once_with_did_you_mean():
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe(f"exit_layr: 3\nprompt: '{P}'\ntp: {{start: 1, stpo: 2}}\npooling: max\n")
+    problems = dict(info.value.problems)
+    assert "did you mean `exit_layer`?" in problems["exit_layr"]
+    assert "did you mean `stop`?" in problems["tp.stpo"]
+    assert "'last' or 'mean'" in problems["pooling"]
+    assert all(f"recipe field `{f}`" in str(info.value) for f in problems)
+
+
+def test_spans_deeper_than_the_model_name_the_allowed_range_all_at_once(llama):
+    model, tok = llama  # 4 decoder layers
+    recipe = {"prompt": P, "tp": [{"start": 1, "stop": 9}], "exit_layer": 7,
+              "attention": {"bidirectional": "sentence", "layers": {"start": 0, "stop": 6}}}
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.apply(model, recipe, tokenizer=tok)
+    problems = dict(info.value.problems)
+    assert set(problems) == {"exit_layer", "tp.spans.0", "attention.layers"}
+    assert "allowed: 0 <= start < stop <= 4" in problems["tp.spans.0"] and "allowed: 0..4" in problems["exit_layer"]
+
+
+def test_a_mistyped_marker_is_flagged():
+    typo = P.replace("<PST>", "<PTS>")
+    with pytest.warns(UserWarning, match="'<PTS>'.*did you mean <PST>"):
+        tpsurgery.parse_recipe({"prompt": typo})
+    with pytest.raises(tpsurgery.RecipeError, match="found '<PTS>': did you mean <PST>"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tpsurgery.parse_recipe({"prompt": typo, "tp": TP})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tpsurgery.parse_recipe({"prompt": P + " <s> <POS>", "tp": TP})  # the marker itself, and other tags: quiet
+
+
+@pytest.fixture(scope="module")
+def llama_folder(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = llama
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_validate_with_a_model_checks_its_depth(llama_folder, tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"prompt: '{P}'\ntp: {{start: 1, stop: 40}}\nexit_layer: 31\n")
+    ok = CliRunner().invoke(app, ["recipe", "validate", str(deep)])
+    assert ok.exit_code == 0, ok.output  # fine on its own ...
+    result = CliRunner().invoke(app, ["recipe", "validate", str(deep), "smollm2-prompteol", "--model",
+                                      str(llama_folder)])
+    assert result.exit_code == 1  # ... but not for a 4-layer model: both problems named
+    assert "`exit_layer`: 31 is out of range for a model with 4 decoder layers" in result.output
+    assert "`tp.spans.0`: span [1, 40) exceeds" in result.output
+    assert "ok: smollm2-prompteol" in result.output and "4 decoder layers, reads hidden_states[2]" in result.output
+
+
+def test_an_nnsight_model_that_was_never_dispatched_is_dispatched(llama, llama_folder):
+    import nnsight
+
+    model, tok = llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LanguageModel is deprecated in favour of TransformersModel
+        lm = nnsight.LanguageModel(str(llama_folder), tokenizer=tok)
+    assert not lm.dispatched
+    recipe = f"prompt: '{P}'\ntp: {{start: 1, stop: 2}}\nexit_layer: 3"
+    with tpsurgery.apply(lm, recipe) as emb, tpsurgery.apply(model, recipe, tokenizer=tok) as ref:
+        assert (emb.encode(["a b", "c"]) == ref.encode(["a b", "c"])).all()
+    meta = type(model)(model.config).to("meta")
+    with pytest.raises(tpsurgery.ModelError, match="meta device.*dispatch=True"):
+        tpsurgery.apply(meta, recipe, tokenizer=tok)
+
+
+AUX = 'This sentence : "{text}" means in one word:"'
+
+
+def test_edits_and_runs_problems_are_reported_at_once_with_did_you_mean():
+    edits = [{"site": "attn_out_in", "layers": 2, "rows": "last", "op": "scale", "factr": 2},
+             {"sitee": "layer_in", "layers": {"start": 1, "stpo": 3}, "op": "copy"}]
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe({"prompt": P, "edit_layer": 3, "edits": edits, "run": {"aux": AUX}})
+    problems = dict(info.value.problems)
+    assert "did you mean `factor`?" in problems["edits.0.factr"]
+    assert "did you mean `site`?" in problems["edits.1.sitee"]
+    assert "did you mean `stop`?" in problems["edits.1.layers.stpo"]
+    assert "did you mean `runs`?" in problems["run"]
+    assert "did you mean `exit_layer`?" in problems["edit_layer"]
+    # the runs section: every bad run at once
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe({"prompt": P, "runs": {"2nd": AUX, "aux": "no slot", "tp": "<PST> {text}"}})
+    assert [f for f, _ in info.value.problems] == ["runs.2nd", "runs.aux", "runs.tp"]
+    # whole-recipe checks of edits: an unknown run (with its closest name) and rows an auxiliary run lacks, at once
+    cp = {"site": "attn_out_in", "layers": 2, "op": "subtract"}
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe({"prompt": P, "runs": {"irrelevant": AUX},
+                                "edits": [{**cp, "rows": "last", "run": "irrelevent"}, {**cp, "run": "irrelevant"}]})
+    problems = dict(info.value.problems)
+    assert "did you mean 'irrelevant'?" in problems["edits.0.run"]
+    assert "no placeholders" in problems["edits.1.rows"]
+
+
+def test_edit_layers_and_heads_beyond_the_model_are_reported_with_the_rest(llama):
+    model, tok = llama  # 4 decoder layers, 4 heads
+    edits = [{"site": "layer_in", "layers": [1, 6], "op": "scale", "factor": 2},
+             {"site": "attn_out_in", "layers": 1, "rows": "last", "op": "scale", "factor": 2, "heads": [0, 9]}]
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.apply(model, {"prompt": P, "exit_layer": 9, "edits": edits}, tokenizer=tok)
+    problems = dict(info.value.problems)
+    assert set(problems) == {"exit_layer", "edits.0.layers", "edits.1.heads"}
+    assert "allowed: 0..3" in problems["edits.0.layers"] and "allowed: 0..3" in problems["edits.1.heads"]

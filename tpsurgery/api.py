@@ -52,6 +52,19 @@ def _tokenizer_for(model: Any) -> Any:
         raise ModelError(f"cannot load the tokenizer of {name!r} ({exc}): pass tokenizer=") from exc
 
 
+def _dispatched(envoy: Any) -> Any:
+    """The transformers model inside an nnsight wrapper, its real weights loaded: ``LanguageModel(name)`` without
+    ``dispatch=True`` holds a weightless meta-device skeleton until its first trace, so dispatch it here."""
+    if getattr(envoy, "dispatched", True) is False:
+        try:
+            envoy.dispatch()
+        except Exception as exc:  # noqa: BLE001 - whatever loading raised, say how to load it
+            raise ModelError(f"this nnsight {type(envoy).__name__} was never dispatched (its weights are on the meta "
+                             f"device) and dispatching it failed ({type(exc).__name__}: {exc}); load it with "
+                             "dispatch=True, e.g. nnsight.LanguageModel(name, dispatch=True)") from exc
+    return envoy._module
+
+
 def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) -> tuple[Any, Any, Any]:
     """``(hf_model, tokenizer, nnsight_envoy_or_None)`` from any accepted model object (names load on ``device``)."""
     from transformers import PreTrainedModel
@@ -63,10 +76,14 @@ def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) 
     elif not isinstance(model, PreTrainedModel):
         inner = getattr(model, "_module", None)
         if inner is not None and isinstance(inner, PreTrainedModel) and type(model).__module__.startswith("nnsight"):
-            envoy, model = model, inner
+            envoy, model = model, _dispatched(model)
             tokenizer = tokenizer or getattr(envoy, "tokenizer", None)
         else:
             raise ModelError(f"cannot apply a recipe to {type(model).__name__}. Accepted: {ACCEPTED}")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ModelError("the model's weights are on the meta device (never loaded): load them first, e.g. "
+                         "nnsight.LanguageModel(name, dispatch=True) or model.dispatch() for nnsight, or "
+                         "AutoModelForCausalLM.from_pretrained(name)")
     if tokenizer is None:
         tokenizer = _tokenizer_for(model)
     return model, tokenizer, envoy

@@ -42,15 +42,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @recipe_app.command("validate")
-def recipe_validate(files: list[Path]) -> None:
-    """Validate recipe files; exit code 1 if any is invalid."""
+def recipe_validate(
+    files: list[str] = typer.Argument(..., help="recipe files or shipped recipe names"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="also check layer numbers, placeholder token and "
+                                        "markers against this model (HF id or folder, .gguf file, or smollm2-135m)"),
+) -> None:
+    """Validate recipes (every problem of each, at once); exit code 1 if any is invalid."""
     from .library import load_recipe
 
+    loaded = None
     bad = 0
     for f in files:
         try:
             r = load_recipe(f)
-            typer.echo(f"ok: {f} [{r.hash()}]")
+            if model is not None:
+                from .api import apply, resolve_model
+
+                loaded = loaded or resolve_model(model)[:2]
+                with apply(loaded[0], r, tokenizer=loaded[1]) as emb:
+                    where = f", {model}: {emb.n_layers} decoder layers, reads hidden_states[{emb.plan.exit_layer}]"
+            typer.echo(f"ok: {f} [{r.hash()}]" + (where if model is not None else ""))
         except TpsurgeryError as exc:
             bad += 1
             typer.echo(f"invalid: {f}: {exc}", err=True)

@@ -23,11 +23,30 @@ class TpsurgeryError(Exception):
 
 
 class RecipeError(TpsurgeryError, ValueError):
-    """A recipe is malformed; ``field`` names the offending recipe field (dotted path)."""
+    """A recipe is malformed; ``field`` names the offending recipe field (dotted path). A recipe with several
+    problems raises one error listing all of them: ``problems`` holds every ``(field, message)``, the first first.
 
-    def __init__(self, field: str, message: str):
+    >>> err = RecipeError("exit_layr", "unknown key; did you mean `exit_layer`?", more=[("tp.stpo", "unknown key")])
+    >>> print(err)
+    recipe field `exit_layr`: unknown key; did you mean `exit_layer`?
+      and recipe field `tp.stpo`: unknown key
+    >>> err.field, len(err.problems)
+    ('exit_layr', 2)
+    """
+
+    def __init__(self, field: str, message: str, more: "tuple[tuple[str, str], ...] | list" = ()):
         self.field = field
-        super().__init__(f"recipe field `{field}`: {message}")
+        self.message = message
+        self.problems: tuple[tuple[str, str], ...] = ((field, message), *map(tuple, more))
+        text = f"recipe field `{field}`: {message}"
+        text += "".join(f"\n  and recipe field `{f}`: {m}" for f, m in self.problems[1:])
+        super().__init__(text)
+
+    @classmethod
+    def combine(cls, errors: "list[RecipeError]") -> "RecipeError":
+        """One error listing the problems of several (in order)."""
+        problems = [p for e in errors for p in e.problems]
+        return cls(*problems[0], more=problems[1:])
 
 
 class InputError(TpsurgeryError, ValueError):

@@ -151,8 +151,52 @@ def resolve_exit_layer(exit_layer: int, n_layers: int) -> int:
 
 def _span_layers(span, n_layers: int, field: str) -> range:
     if span.stop > n_layers:
-        raise RecipeError(field, f"span [{span.start}, {span.stop}) exceeds the model's {n_layers} decoder layers")
+        raise RecipeError(field, f"span [{span.start}, {span.stop}) exceeds the model's {n_layers} decoder layers "
+                                 f"(allowed: 0 <= start < stop <= {n_layers}; decoder layers are numbered 0..{n_layers - 1})")
     return range(span.start, span.stop)
+
+
+def check_depth(recipe: Recipe, n_layers: int, exit_layer: int | str | None = None,
+                n_heads: int | None = None) -> None:
+    """Every layer (and head) number of ``recipe`` that a model with ``n_layers`` decoder layers (``n_heads``
+    attention heads) lacks, in one RecipeError (``exit_layer`` overrides the recipe's).
+
+    >>> from tpsurgery.recipe import parse_recipe
+    >>> check_depth(parse_recipe("prompt: '<PST> {text}'\\ntp: {start: 1, stop: 40}\\nexit_layer: 31"), 30)
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.RecipeError: recipe field `exit_layer`: 31 is out of range for a model with 30 decoder layers (allowed: 0..30 or -31..-1; 0 = embedding output, 30 = final-norm output)
+      and recipe field `tp.spans.0`: span [1, 40) exceeds the model's 30 decoder layers (allowed: 0 <= start < stop <= 30; decoder layers are numbered 0..29)
+    """
+    errors: list[RecipeError] = []
+
+    def check(fn, *args) -> None:
+        try:
+            fn(*args)
+        except RecipeError as exc:
+            errors.append(exc)
+
+    m = recipe.exit_layer if exit_layer is None else exit_layer
+    if m != "auto":
+        check(resolve_exit_layer, m, n_layers)
+    for k, span in enumerate(recipe.tp.spans):
+        check(_span_layers, span, n_layers, f"tp.spans.{k}")
+    if recipe.tp.resume is not None and recipe.tp.resume >= n_layers:
+        errors.append(RecipeError("tp.resume", f"{recipe.tp.resume} is not a layer of this model ({n_layers} decoder "
+                                               f"layers; allowed: 0..{n_layers - 1})"))
+    if recipe.attention.layers is not None:
+        check(_span_layers, recipe.attention.layers, n_layers, "attention.layers")
+    for k, spec in enumerate(recipe.edits):
+        if spec.layer_list()[-1] >= n_layers:
+            errors.append(RecipeError(f"edits.{k}.layers", f"layer {spec.layer_list()[-1]} is not a decoder layer of "
+                                                           f"this model (allowed: 0..{n_layers - 1})"))
+        if spec.heads is not None and n_heads is None:
+            errors.append(RecipeError(f"edits.{k}.heads", "this model's number of attention heads is unknown"))
+        elif spec.heads is not None and max(spec.heads) >= n_heads:
+            errors.append(RecipeError(f"edits.{k}.heads", f"head {max(spec.heads)} does not exist (allowed: "
+                                                          f"0..{n_heads - 1})"))
+    if errors:
+        raise RecipeError.combine(errors)
 
 
 def _named_vector(kind: str, size: int, seed: int = 0, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -190,21 +234,12 @@ def _vector(spec: EditSpec, size: int, field: str) -> torch.Tensor:
     return _named_vector(spec.value, size, spec.seed, spec.mean, spec.std)
 
 
-def _user_edits(recipe: Recipe, n_layers: int, m: int, hidden_size: int, n_heads: int | None,
-                attn_width: int | None) -> list[Edit]:
+def _user_edits(recipe: Recipe, m: int, hidden_size: int, attn_width: int | None) -> list[Edit]:
     """The recipe's ``edits`` section, one :class:`Edit` per layer; layers that cannot change the read are dropped."""
     out, cut = [], []
     for k, spec in enumerate(recipe.edits):
         field = f"edits.{k}"
-        layers = spec.layer_list()
-        if layers[-1] >= n_layers:
-            raise RecipeError(f"{field}.layers", f"layer {layers[-1]} is not a decoder layer of this model "
-                                                 f"(allowed: 0..{n_layers - 1})")
-        if spec.heads is not None:
-            if n_heads is None:
-                raise RecipeError(f"{field}.heads", "this model's number of attention heads is unknown")
-            if max(spec.heads) >= n_heads:
-                raise RecipeError(f"{field}.heads", f"head {max(spec.heads)} does not exist (allowed: 0..{n_heads - 1})")
+        layers = spec.layer_list()  # layer and head numbers: checked by check_depth
         vector = None
         if spec.op == "write":
             size = attn_width if spec.site == "attn_out_in" else hidden_size
@@ -259,12 +294,12 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
     at ``attn_out_in``, need them). Edits run sorted by layer, then site (:data:`tpsurgery.edits.SITES`); edits at one site run in recipe order,
     the shorthand sections (``placeholder``, ``attention``, ``tp``) before the ``edits`` section.
     """
+    check_depth(recipe, n_layers, exit_layer, n_heads)
     m = exit_layer if exit_layer is not None else recipe.exit_layer
     if m == "auto":
         raise RecipeError("exit_layer", "'auto' must be resolved from a sweep first (tpsurgery sweep)")
     m = resolve_exit_layer(m, n_layers)
-    edits = _shorthand_edits(recipe, n_layers, m, hidden_size) + _user_edits(recipe, n_layers, m, hidden_size, n_heads,
-                                                                                attn_width)
+    edits = _shorthand_edits(recipe, n_layers, m, hidden_size) + _user_edits(recipe, m, hidden_size, attn_width)
     edits.sort(key=lambda e: e.runs_at)  # stable: recipe order inside a site
     used = {e.run for e in edits if e.run is not None}
     return Plan(

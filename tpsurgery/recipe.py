@@ -27,8 +27,10 @@ Semantics (see docs/recipes.md for the full reference):
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -41,6 +43,30 @@ from .schema import NUM as _NUM, EditSpec, Frozen as _Frozen, Span
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
 MAX_RECIPE_BYTES = 1_000_000
+
+
+_TAG_LIKE = re.compile(r"<\s*([A-Za-z][A-Za-z ]{0,5}?)\s*>|<\s*PST\b(?!\s*>)|(?<![<A-Za-z])PST\s*>", re.IGNORECASE)
+
+
+def marker_typos(template: str) -> list[str]:
+    """Substrings of ``template`` that look like a mistyped ``<PST>`` marker (they are kept as plain text).
+
+    >>> marker_typos('This : <PTS> "{text}" <pst> <s> <PST> <POS> PST> <PST')
+    ['<PTS>', '<pst>', 'PST>', '<PST']
+    """
+    out = []
+    for m in _TAG_LIKE.finditer(template):
+        text, word = m.group(0), (m.group(1) or "PST").replace(" ", "").upper()
+        if text == PLACEHOLDER_MARKER:
+            continue
+        if sorted(word) == sorted("PST") or difflib.SequenceMatcher(None, word, "PST").ratio() >= 0.8:
+            out.append(text)
+    return out
+
+
+def _typo_hint(templates: tuple[str, ...]) -> str:
+    typos = [t for template in templates for t in marker_typos(template)]
+    return f" (found {', '.join(map(repr, typos))}: did you mean {PLACEHOLDER_MARKER}?)" if typos else ""
 
 
 class TPSchedule(_Frozen):
@@ -139,41 +165,57 @@ class Recipe(_Frozen):
             for k, t in enumerate(templates):
                 if TEXT_SLOT not in t:
                     raise RecipeError("" if isinstance(v, str) else str(k), f"template {t!r} has no {TEXT_SLOT} slot")
+                if marker_typos(t):
+                    warnings.warn(f"recipe field `prompt`: {', '.join(map(repr, marker_typos(t)))} in {t!r} is plain "
+                                  f"text, not a placeholder marker: did you mean {PLACEHOLDER_MARKER}?", UserWarning,
+                                  stacklevel=2)
         return v
 
     @field_validator("runs")
     @classmethod
     def _runs(cls, v: dict[str, str]) -> dict[str, str]:
+        problems = []
         for name, t in v.items():
             if not name.isidentifier():
-                raise RecipeError(name, "a run name must be an identifier (letters, digits, underscores)")
+                problems.append((name, "a run name must be an identifier (letters, digits, underscores)"))
             if TEXT_SLOT not in t:
-                raise RecipeError(name, f"template {t!r} has no {TEXT_SLOT} slot")
+                problems.append((name, f"template {t!r} has no {TEXT_SLOT} slot"))
             if PLACEHOLDER_MARKER in t:
-                raise RecipeError(name, f"an auxiliary run is a plain prompt: it cannot hold a {PLACEHOLDER_MARKER}")
+                problems.append((name, f"an auxiliary run is a plain prompt: it cannot hold a {PLACEHOLDER_MARKER}"))
+        if problems:
+            raise RecipeError(*problems[0], more=problems[1:])
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
+        """Whole-recipe checks; every problem at once."""
         counts = {t.count(PLACEHOLDER_MARKER) for t in self.templates}
+        hint = _typo_hint(self.templates) if counts == {0} else ""
+        problems = []
         if not self.tp.empty and counts == {0}:
-            raise RecipeError("tp", f"a TP schedule needs a {PLACEHOLDER_MARKER} marker in the prompt (it has none)")
+            problems.append(("tp", f"a TP schedule needs a {PLACEHOLDER_MARKER} marker in the prompt (it has none)"
+                             + hint))
         if self.placeholder.mask != "none" and counts == {0}:
-            raise RecipeError("placeholder.mask", f"needs a {PLACEHOLDER_MARKER} marker in the prompt (it has none)")
+            problems.append(("placeholder.mask", f"needs a {PLACEHOLDER_MARKER} marker in the prompt (it has none)"
+                             + hint))
         if self.attention.bidirectional != "none" and counts == {0}:
-            raise RecipeError("attention.bidirectional",
-                              f"starts at the placeholder: the prompt needs a {PLACEHOLDER_MARKER} marker")
+            problems.append(("attention.bidirectional",
+                             f"starts at the placeholder: the prompt needs a {PLACEHOLDER_MARKER} marker" + hint))
         for k, e in enumerate(self.edits):
             if e.run is not None and e.run not in self.runs:
+                close = difflib.get_close_matches(e.run, list(self.runs), n=1, cutoff=0.6)
                 known = ", ".join(self.runs) or "none; add a `runs:` section"
-                raise RecipeError(f"edits.{k}.run", f"no run named {e.run!r} (runs: {known})")
+                mean = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append((f"edits.{k}.run", f"no run named {e.run!r}{mean} (runs: {known})"))
             if e.run is not None and e.rows == "placeholders":
-                raise RecipeError(f"edits.{k}.rows", "an auxiliary run has no placeholders to take rows from; use "
-                                                     "rows: last or a negative position")
+                problems.append((f"edits.{k}.rows", "an auxiliary run has no placeholders to take rows from; use "
+                                                    "rows: last or a negative position"))
             needs_marker = e.rows == "placeholders" and e.op != "bidirectional"
             if (needs_marker or e.op == "bidirectional") and counts == {0}:
-                raise RecipeError(f"edits.{k}", f"rows: placeholders needs a {PLACEHOLDER_MARKER} marker in the "
-                                                "prompt (it has none); use rows: last or a negative position")
+                problems.append((f"edits.{k}", f"rows: placeholders needs a {PLACEHOLDER_MARKER} marker in the "
+                                               "prompt (it has none); use rows: last or a negative position" + hint))
+        if problems:
+            raise RecipeError(*problems[0], more=problems[1:])
         return self
 
     @property
@@ -219,13 +261,14 @@ def _field_of(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.match(str(p))) or "<recipe>"
 
 
-def _own_field(error: dict) -> dict:
-    """A RecipeError raised inside a validator names its field relative to the validator's location."""
+def _own_fields(error: dict) -> list[dict]:
+    """A RecipeError raised inside a validator names its fields relative to the validator's location: one pydantic
+    error per problem it lists."""
     inner = (error.get("ctx") or {}).get("error")
     if isinstance(inner, RecipeError):
-        loc = tuple(error["loc"]) + tuple(p for p in inner.field.split(".") if p)
-        return {**error, "loc": loc, "msg": str(inner).split(": ", 1)[1]}
-    return error
+        return [{**error, "loc": tuple(error["loc"]) + tuple(p for p in field.split(".") if p), "msg": message}
+                for field, message in inner.problems]
+    return [error]
 
 
 def _message(error: dict) -> str:
@@ -238,30 +281,38 @@ def _message(error: dict) -> str:
 
 
 def _error_from_validation(exc: ValidationError) -> RecipeError:
-    errors = [_own_field(e) for e in exc.errors()]
-    first = errors[0]
-    field = _field_of(first["loc"])
-    deeper = [e for e in errors if _field_of(e["loc"]).startswith(field + ".")]
-    if deeper:  # a list given to a str-or-list field: the item's error says more than "not a string"
-        first = deeper[0]
-        field = _field_of(first["loc"])
-    msgs = list(dict.fromkeys(_message(e) for e in errors if _field_of(e["loc"]) == field))
-    msg = "; or: ".join(msgs)  # the alternatives of a union (exit_layer: an integer or 'auto')
-    if first["type"] == "extra_forbidden":
-        model = _model_at(first["loc"][:-1])
-        allowed = ", ".join(model.model_fields) if model else "see tpsurgery recipe schema"
-        msg = f"unknown key (allowed here: {allowed})"
-    others = list(dict.fromkeys(f for f in map(_field_of, (e["loc"] for e in errors))
-                                if f != field and not field.startswith(f + ".")))
-    if others:
-        msg += f" (also: {'; '.join(others[:3])})"
-    return RecipeError(field, msg)
+    """One RecipeError listing every problem: unknown keys first (a misspelt key also makes a field look missing),
+    each with the closest allowed key ("did you mean"); the alternatives of a union joined with "or"."""
+    errors = [own for e in exc.errors() for own in _own_fields(e)]
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")  # stable: otherwise pydantic's order
+    by_field: dict[str, list[dict]] = {}
+    for e in errors:
+        by_field.setdefault(_field_of(e["loc"]), []).append(e)
+    # a list given to a str-or-list field: the item's error says more than "not a string" of the whole
+    fields = [f for f in by_field if not any(g.startswith(f + ".") for g in by_field)]
+    problems = []
+    for f in fields:
+        first = by_field[f][0]
+        if first["type"] == "extra_forbidden":
+            problems.append((f, _unknown_key(first["loc"])))
+        else:  # the alternatives of a union (exit_layer: an integer or 'auto')
+            problems.append((f, "; or: ".join(dict.fromkeys(_message(e) for e in by_field[f]))))
+    return RecipeError(*problems[0], more=problems[1:])
+
+
+def _unknown_key(loc: tuple) -> str:
+    """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``."""
+    model = _model_at(loc[:-1])
+    allowed = list(model.model_fields) + (["start", "stop"] if model is TPSchedule else []) if model else []
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"unknown key{hint} (allowed here: {', '.join(allowed) if allowed else 'see tpsurgery recipe schema'})"
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Recipe
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or _UNION_TAG.match(str(part)):
             continue
         info = model.model_fields.get(str(part))
         if info is None:
@@ -401,7 +452,7 @@ def read_recipe(path: str | Path) -> Recipe:
     try:
         recipe = parse_recipe(text)
     except RecipeError as exc:
-        raise RecipeError(exc.field, f"{str(exc).split(': ', 1)[1]} (in {p})") from None
+        raise RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:]) from None
     return recipe
 
 
