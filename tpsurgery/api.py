@@ -65,6 +65,13 @@ def _dispatched(envoy: Any) -> Any:
     return envoy._module
 
 
+def _never_loaded(model: Any) -> bool:
+    """Weights on the meta device that no accelerate hook will load (``device_map`` offloading keeps some there)."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return False
+    return not any("_hf_hook" in vars(m) for m in model.modules())
+
+
 def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) -> tuple[Any, Any, Any]:
     """``(hf_model, tokenizer, nnsight_envoy_or_None)`` from any accepted model object (names load on ``device``)."""
     from transformers import PreTrainedModel
@@ -80,7 +87,7 @@ def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) 
             tokenizer = tokenizer or getattr(envoy, "tokenizer", None)
         else:
             raise ModelError(f"cannot apply a recipe to {type(model).__name__}. Accepted: {ACCEPTED}")
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if _never_loaded(model):
         raise ModelError("the model's weights are on the meta device (never loaded): load them first, e.g. "
                          "nnsight.LanguageModel(name, dispatch=True) or model.dispatch() for nnsight, or "
                          "AutoModelForCausalLM.from_pretrained(name)")
