@@ -193,6 +193,7 @@ def test_explain_shows_tokens_placeholders_schedule_and_exit():
                            tokenizer=tok).explain("ab")
     assert "[<PST>#16]" in text and "placeholder positions: [16]" in text
     assert "layers 1-2: TP layer input" in text and "layer 0: plain" in text and "read hidden_states[3]" in text
+    assert len(text.splitlines()) <= 10  # layer ranges, not one line per layer
 
 
 def test_apply_accepts_nnsight_wrappers_and_rejects_other_objects():

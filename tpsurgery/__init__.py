@@ -15,9 +15,11 @@ from .library import load_recipe
 from .models import DEFAULT_MODEL, load_model
 from .plan import Batch, Plan, collate, compile_plan
 from .recipe import Recipe, dump_recipe, parse_recipe, recipe_schema
+from .saving import SavedEmbeddings, load_embeddings
 
 __all__ = [
     "apply", "as_recipe", "ArchSpec", "register_architecture", "Embedder", "TpsurgeryError", "RecipeError",
     "InputError", "ModelError", "BackendError", "DEFAULT_MODEL", "load_model", "Plan", "Batch", "collate",
-    "compile_plan", "Recipe", "dump_recipe", "load_recipe", "parse_recipe", "recipe_schema",
+    "compile_plan", "Recipe", "dump_recipe", "load_recipe", "parse_recipe", "recipe_schema", "load_embeddings",
+    "SavedEmbeddings",
 ]

@@ -59,23 +59,32 @@ def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | Non
     return groups
 
 
+PROGRESS_DELAY_S = 3.0
+
+
 class Progress:
     """A progress bar over ``total`` texts that ``encode`` advances as batches finish, or none.
 
-    ``show``: ``True`` (a new tqdm bar), ``False``/``None`` (nothing), or a bar made by the caller (anything with
-    ``update(n)``, e.g. ``tqdm``) that spans several calls; ``share`` is the part of a text one pass is worth (1/T for
-    T templates, so the bar ends at the number of texts, not T times it).
+    ``show``: ``None`` (the library default: a bar that appears only once the run has lasted ``PROGRESS_DELAY_S``
+    seconds, so quick calls print nothing), ``True`` (a bar at once), ``False`` (nothing), or a bar made by the
+    caller (anything with ``update(n)``, e.g. ``tqdm``) that spans several calls; ``share`` is the part of a text one
+    pass is worth (1/T for T templates, so the bar ends at the number of texts, not T times it). Notebook widgets
+    when ipywidgets is installed, text on stderr otherwise.
 
     >>> p = Progress(False, 3); p.advance(2); p.close()
     """
 
     def __init__(self, show: Any, total: int, share: float = 1.0, desc: str = "encode"):
         self.share = share
-        self.owned = bool(show) and not hasattr(show, "update")
+        self.owned = (show is None or bool(show)) and not hasattr(show, "update")
         if self.owned:
-            from tqdm.auto import tqdm
+            try:
+                import ipywidgets  # noqa: F401  (tqdm's notebook bars need it; without it they raise)
+                from tqdm.auto import tqdm
+            except ImportError:
+                from tqdm import tqdm
 
-            self.bar: Any = tqdm(total=total, desc=desc, unit="text")
+            self.bar: Any = tqdm(total=total, desc=desc, unit="text", delay=PROGRESS_DELAY_S if show is None else 0)
         else:
             self.bar = show if hasattr(show, "update") else None
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -27,8 +29,9 @@ from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
 from .resources import PENDING_BYTES, at_user_index, caller_indices, check_texts, eval_mode, flush_results, \
-    non_finite_message, non_finite_rows, run_splitting
+    non_finite_message, non_finite_rows, peak_memory_mb, run_splitting
 from .recipe import Recipe
+from .saving import save_embeddings
 
 
 def _max_length(model: Any, tokenizer: Any) -> int | None:
@@ -54,10 +57,13 @@ def _placeholder_id(recipe: Recipe, tokenizer: Any, vocab_size: int) -> int:
 
 @dataclass
 class EncodeStats:
-    """Work counters since the embedder was made: batches, rows, padded vs real tokens, prefix tokens not recomputed.
+    """Work counters since the embedder was made: calls, texts, batches, rows, padded vs real tokens, prefix tokens
+    not recomputed, wall time and peak memory; ``print(emb.stats)`` for a summary.
 
     >>> s = EncodeStats(); s.count(rows=2, width=4, real=6); s.padding_waste
     0.25
+    >>> s.seconds, s.texts = 2.0, 2; print(s)
+    2 texts in 2.00 s (1.0 texts/s, 3 tokens/s); 1 batches, 25% padding
     """
 
     batches: int = 0
@@ -65,6 +71,9 @@ class EncodeStats:
     tokens: int = 0
     padded_tokens: int = 0
     prefix_tokens_saved: int = 0
+    texts: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None
 
     def count(self, rows: int, width: int, real: int) -> None:
         self.batches += 1
@@ -76,6 +85,39 @@ class EncodeStats:
     def padding_waste(self) -> float:
         """Share of the computed positions that are pads (0.0 = no padding)."""
         return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    @property
+    def texts_per_second(self) -> float:
+        """Texts given to ``encode`` / ``encode_schedules`` per second of their wall time."""
+        return self.texts / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real (non-pad) tokens run per second of wall time."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        mem = f"; peak memory {self.peak_memory_mb:.0f} MiB" if self.peak_memory_mb is not None else ""
+        return (f"{self.texts} texts in {self.seconds:.2f} s ({self.texts_per_second:.1f} texts/s, "
+                f"{self.tokens_per_second:.0f} tokens/s); {self.batches} batches, {self.padding_waste:.0%} padding"
+                + mem)
+
+
+def _timed(method):
+    """Adds a call's wall time, its number of texts and the peak memory so far to ``self.stats``."""
+
+    @functools.wraps(method)
+    def timed(self, sentences, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, sentences, *args, **kwargs)
+        finally:
+            self.stats.seconds += time.perf_counter() - t0
+            sized = isinstance(sentences, str) or hasattr(sentences, "__len__")
+            self.stats.texts += (1 if isinstance(sentences, str) else len(sentences)) if sized else 0
+            self.stats.peak_memory_mb = peak_memory_mb(next(self.model.parameters()).device)
+
+    return timed
 
 
 class Embedder:
@@ -149,6 +191,7 @@ class Embedder:
                               hide_placeholders=plan.hide_placeholders)
 
     # -- encode ---------------------------------------------------------------------------------------------------
+    @_timed
     def encode(
         self,
         sentences: str | Sequence[str],
@@ -167,7 +210,8 @@ class Embedder:
         layer), for exit-layer sweeps. Duplicate texts are embedded once; batches are length-sorted and hold at most
         ``batch_size`` texts and ``max_tokens`` padded tokens (:mod:`tpsurgery.batching`). With an embedding cache,
         each batch is stored as it finishes (one template; several: at the end of the call), so an interrupted call
-        resumes. ``show_progress_bar``: ``True``, or a caller's bar (``update(n)``) advanced by the call's texts.
+        resumes. ``show_progress_bar``: ``None`` (default: a bar only once the call has run 3 s), ``True``, ``False``,
+        or a caller's bar (``update(n)``) advanced by the call's texts (:class:`~tpsurgery.batching.Progress`).
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else check_texts(sentences)
@@ -216,6 +260,24 @@ class Embedder:
         good = {t: values[j].numpy() for j, t in enumerate(texts) if ok[j]}
         if good:
             self.embedding_cache.put(key, good)
+
+    def save(self, path: Any, texts: str | Sequence[str], embeddings: Any = None, *, store_texts: bool = True,
+             **encode_kwargs: Any) -> Any:
+        """Write the embeddings of ``texts`` (encoded now with ``encode_kwargs`` unless given) with their provenance
+        to ``path`` (``.npz``; :mod:`tpsurgery.saving`); read back with :func:`tpsurgery.load_embeddings`."""
+        if embeddings is None:
+            embeddings = self.encode(texts, **encode_kwargs)
+        return save_embeddings(path, self, texts, embeddings, store_texts=store_texts)
+
+    @property
+    def dim(self) -> int:
+        """The embedding size (the model's hidden size)."""
+        return get_path(self.model, self.spec.embed).weight.shape[1]
+
+    @property
+    def model_name(self) -> str:
+        """The model's Hugging Face id or folder (``name_or_path``), else its class name."""
+        return getattr(self.model, "name_or_path", "") or type(self.model).__name__
 
     def _cached(self, unique: list[str], plan: Plan, all_layers: bool) -> tuple[dict, str | None]:
         """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""

@@ -208,3 +208,18 @@ def no_library_bars() -> Iterator[None]:
         yield
     finally:
         std.tqdm.__init__ = init
+
+
+def peak_memory_mb(device: Any) -> float | None:
+    """Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on a CUDA device, else the process's peak resident
+    set size (a high-water mark of the whole process, the model included); None where neither is known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
