@@ -16,7 +16,7 @@ from tpsurgery.data import load_stsb
 from tpsurgery.errors import RecipeError
 from tpsurgery.evaluation import evaluate_sts
 from tpsurgery.cache import model_fingerprint
-from tpsurgery.sweep import run_sweep, write_outputs
+from tpsurgery.sweep import SweepResult, run_sweep, write_outputs
 from tpsurgery.sweep_store import resolve_auto_exit, sweep_path
 from tpsurgery.testing import tiny_model
 
@@ -52,6 +52,31 @@ def test_one_pass_per_row_equals_separate_runs(setup):
                 recipe = recipe.replace(placeholder={"mask": "all"})
             alone = evaluate_sts(tpsurgery.apply(model, recipe, tokenizer=tok), [pairs])[pairs.name]
             assert row["scores"][m] == pytest.approx(alone, abs=1e-3), (row["label"], m)
+
+
+def test_best_is_labelled(setup):
+    res = setup[3]
+    rows = [{"label": "no TP", "tp": {}, "scores": [None, 1.0, 2.0]},
+            {"label": "TP [1,2)", "tp": {"start": 1, "stop": 2}, "scores": [None, 3.0, 2.5]}]
+    b = SweepResult("m", "fp", res.recipe, "stsb-dev", 10, 2, rows).best()
+    assert (b.label, b.exit_layer, b.score, b.row, b.tp) == ("TP [1,2)", 1, 3.0, 1, {"start": 1, "stop": 2})
+    assert str(b) == "TP [1,2), exit hidden_states[1] -> 3.00"
+    assert res.curve(res.best().label)[res.best().exit_layer] == res.best().score
+
+
+def test_own_schedule_sweep_of_several_spans_and_resume_equals_runs_at_each_exit_layer():
+    """TP resumed at R runs 'up to the exit': reading every M from the pass to the end is what exit_layer: M runs."""
+    model, tok = tiny_model("llama", n_layers=6, seed=2)
+    pairs = load_stsb([SAMPLES], "test")
+    recipe = tpsurgery.parse_recipe(PROMPT + "tp: {spans: [{start: 0, stop: 1}, {start: 2, stop: 3}], resume: 4}")
+    res = run_sweep(model, recipe, pairs, own_schedule=True, tokenizer=tok)
+    assert [r["label"] for r in res.rows] == ["no TP (placeholder hidden)", "recipe: TP [0,1)+[2,3) resume 4"]
+    assert res.rows[1]["tp"] == recipe.tp.model_dump(mode="json")
+    own = res.curve("recipe: TP [0,1)+[2,3) resume 4")
+    assert own != res.curve("no TP (placeholder hidden)")
+    for m in (1, 3, 5, 6):
+        alone = evaluate_sts(tpsurgery.apply(model, recipe.replace(exit_layer=m), tokenizer=tok), [pairs])[pairs.name]
+        assert own[m] == pytest.approx(alone, abs=1e-3), m
 
 
 def test_rows_differ_where_tp_acts_and_agree_where_it_cannot(setup):

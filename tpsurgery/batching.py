@@ -74,7 +74,7 @@ class Progress:
     >>> p = Progress(False, 3); p.advance(2); p.close()
     """
 
-    def __init__(self, show: Any, total: int, share: float = 1.0, desc: str = "encode"):
+    def __init__(self, show: Any, total: int, share: float = 1.0, desc: str = "encode", unit: str = "text"):
         self.share = share
         self.owned = (show is None or bool(show)) and not hasattr(show, "update")
         if self.owned:
@@ -84,7 +84,7 @@ class Progress:
             except ImportError:
                 from tqdm import tqdm
 
-            self.bar: Any = tqdm(total=total, desc=desc, unit="text", delay=PROGRESS_DELAY_S if show is None else 0)
+            self.bar: Any = tqdm(total=total, desc=desc, unit=unit, delay=PROGRESS_DELAY_S if show is None else 0)
         else:
             self.bar = show if hasattr(show, "update") else None
 

@@ -194,6 +194,8 @@ def sweep(
     starts: str = typer.Option("1", help="TP start layers, e.g. '0,1'"),
     alphas: str = typer.Option("1.0", help="TP mixing weights, e.g. '1,0.5'"),
     baseline: bool = typer.Option(True, help="also sweep the exit layer with no TP (one more pass)"),
+    own_schedule: bool = typer.Option(False, "--own-schedule", help="sweep the exit layer of the recipe's own TP "
+                                      "schedule (several spans, resume) instead of a grid of TP [start, k)"),
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     memory_gb: float = typer.Option(1.0, help="memory for the pooled reads of one chunk of pairs (pair cosines are "
                                     "all that is kept between chunks)"),
@@ -225,10 +227,9 @@ def sweep(
         for k, p in found.write(out_dir).items():
             typer.echo(f"wrote {k}: {p}")
         return
-    res = run_sweep(hf_model, recipe, pairs, **kw)
+    res = run_sweep(hf_model, recipe, pairs, own_schedule=own_schedule, **kw)
     paths = write_outputs(res, out_dir)
-    r, m, score = res.best()
-    typer.echo(f"best: {res.rows[r]['label']}, exit hidden_states[{m}] -> {score:.2f} on {res.task} "
+    typer.echo(f"best: {res.best()} on {res.task} "
                f"({res.n_pairs} pairs, {len(res.rows)} rows, {res.extra['layer_forwards_per_batch']} of "
                f"{res.extra['layer_forwards_per_batch_unshared']} layer forwards per batch, {res.seconds:.1f} s)")
     for k, p in paths.items():

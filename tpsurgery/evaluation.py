@@ -98,7 +98,7 @@ def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread
     return D.spread(data, limit) if spread else data
 
 
-def encode_union(encoder: Any, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
+def encode_union(encoder: Any, texts: Sequence[str], batch_size: int = 32, progress: bool | None = None,
                  **kwargs: Any) -> tuple[np.ndarray, dict[str, int]]:
     """Embed the unique texts with ONE ``encode`` call; returns the array and ``text -> row``."""
     unique = list(dict.fromkeys(texts))
@@ -136,7 +136,7 @@ def spearman100(pred: np.ndarray, gold: np.ndarray) -> np.ndarray | float:
         return np.array([100.0 * spearmanr(pred[:, j], gold).statistic for j in range(pred.shape[1])])
 
 
-def evaluate_sts(encoder: Any, sets: Sequence[D.PairSet], batch_size: int = 32, progress: bool = False,
+def evaluate_sts(encoder: Any, sets: Sequence[D.PairSet], batch_size: int = 32, progress: bool | None = None,
                  **encode_kwargs: Any) -> dict[str, Any]:
     """Spearman x100 of cosine vs gold for each set; all sets' unique sentences are embedded in ONE encode call.
 
@@ -213,7 +213,7 @@ def classify(task: D.ClassificationSet, features: dict[str, np.ndarray], kfold: 
 
 
 def evaluate_transfer(encoder: Any, sets: Sequence[D.ClassificationSet], batch_size: int = 32,
-                      progress: bool = False, kfold: int = 10, n_jobs: int = 1,
+                      progress: bool | None = None, kfold: int = 10, n_jobs: int = 1,
                       standardize: bool = True) -> dict[str, dict[str, float]]:
     """Accuracy x100 per task; each task's unique sentences are embedded in one encode call.
 
@@ -275,7 +275,7 @@ def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], set
 
 
 def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, model_name: str | None = None,
-             limit: int | None = None, batch_size: int = 32, progress: bool = False, kfold: int = 10,
+             limit: int | None = None, batch_size: int = 32, progress: bool | None = None, kfold: int = 10,
              n_jobs: int = 1, spread: bool = False, hub: bool = False, standardize: bool = True) -> dict[str, Any]:
     """Load ``tasks`` (STS and/or transfer names), evaluate an :class:`~tpsurgery.Embedder`, return a run record.
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from .api import apply, as_recipe
 from .backends import ResumableBackend
+from .batching import Progress
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
 from .errors import InputError, TpsurgeryError
 from .evaluation import _atomic_write_text, cosine, spearman100
@@ -42,6 +43,21 @@ from .resources import renumbered
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe
 from .sharing import encode_schedules, layer_runs, share_groups
 from .sweep_store import base_recipe, sweep_path
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best cell of a sweep: row ``label`` (its ``tp`` schedule), exit layer M (a ``hidden_states`` index: 0 =
+    embedding output, M = output of decoder layer M-1), Spearman x100 ``score``; ``row`` indexes ``rows``."""
+
+    label: str
+    exit_layer: int
+    score: float
+    row: int
+    tp: dict
+
+    def __str__(self) -> str:
+        return f"{self.label}, exit hidden_states[{self.exit_layer}] -> {self.score:.2f}"
 
 
 @dataclass
@@ -58,23 +74,29 @@ class SweepResult:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def best(self) -> tuple[int, int, float]:
-        """``(row index, exit layer M, score)`` of the best cell (ties: the earliest row, then the smallest M)."""
+    def best(self) -> "Best":
+        """The best cell, labelled (ties: the earliest row, then the smallest M)."""
         grid = np.array([r["scores"] for r in self.rows], dtype=np.float64)
         r, m = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
-        return int(r), int(m), float(grid[r, m])
+        return Best(self.rows[int(r)]["label"], int(m), float(grid[r, m]), int(r), self.rows[int(r)]["tp"])
+
+    def curve(self, label: str) -> list[float | None]:
+        """Spearman x100 at each exit layer M = 0..n_layers of the row labelled ``label``."""
+        for row in self.rows:
+            if row["label"] == label:
+                return row["scores"]
+        raise InputError(None, f"no sweep row labelled {label!r}; rows: {', '.join(r['label'] for r in self.rows)}")
 
     def best_recipe(self) -> Recipe:
         """The swept recipe with the best TP schedule and exit layer filled in (exit as ``hidden_states`` index)."""
-        r, m, score = self.best()
-        row = self.rows[r]
+        b = self.best()
         name = (self.recipe.name or "recipe") + "-swept"
         desc = (f"{self.recipe.description} Sweep on {self.task} ({self.n_pairs} pairs, {self.model}): "
-                f"{row['label']}, exit hidden_states[{m}] -> {score:.2f}").strip()
-        return self.recipe.replace(tp=row["tp"], exit_layer=m, name=name, description=desc)
+                f"{b.label}, exit hidden_states[{b.exit_layer}] -> {b.score:.2f}").strip()
+        return self.recipe.replace(tp=b.tp, exit_layer=b.exit_layer, name=name, description=desc)
 
     def to_dict(self) -> dict[str, Any]:
-        r, m, score = self.best()
+        r, m, score = (b := self.best()).row, b.exit_layer, b.score
         return {"tpsurgery_sweep": 1, "model": self.model, "fingerprint": self.fingerprint,
                 "recipe": self.recipe.to_dict(), "recipe_hash": base_recipe(self.recipe).hash(), "task": self.task,
                 "n_pairs": self.n_pairs, "n_layers": self.n_layers, "rows": self.rows,
@@ -95,7 +117,7 @@ class SweepResult:
         ax.set_yticks(range(len(self.rows)), [r["label"] for r in self.rows])
         ax.set_xticks(range(grid.shape[1]), [str(m) for m in range(grid.shape[1])], fontsize=7)
         ax.set_xlabel("exit layer M (hidden_states[M])")
-        r, m, score = self.best()
+        r, m, score = (b := self.best()).row, b.exit_layer, b.score
         ax.add_patch(Rectangle((m - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_title(f"{self.task} Spearman x100 - {self.model}; best {score:.2f} ({self.rows[r]['label']}, M={m})",
                      fontsize=9)
@@ -132,16 +154,34 @@ def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, star
     return rows
 
 
+def own_rows(recipe: Recipe, baseline: bool = True) -> list[tuple[str, dict]]:
+    """``(label, tp)`` rows for the recipe's own TP schedule (any spans, ``resume``), after 'no TP' if ``baseline``.
+
+    >>> from tpsurgery.recipe import parse_recipe
+    >>> own_rows(parse_recipe("prompt: '<PST> {text}'\\ntp: {spans: [{start: 1, stop: 3}, {start: 5, stop: 6}], resume: 9}"))[1][0]
+    'recipe: TP [1,3)+[5,6) resume 9'
+    """
+    tp = recipe.tp
+    label = "+".join(f"[{s.start},{s.stop})" for s in tp.spans) + (f" resume {tp.resume}" if tp.resume is not None else "")
+    label = f"recipe: TP {label.strip()}" + (f" a={tp.alpha:g}" if tp.alpha != 1.0 else "") if not tp.empty else "recipe"
+    has_marker = any(PLACEHOLDER_MARKER in t for t in recipe.templates)
+    first = [("no TP", {})] if baseline and has_marker and not tp.empty else []
+    return first + [(label, tp.model_dump(mode="json"))]
+
+
 def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | None = None, starts: Sequence[int] = (1,),
               alphas: Sequence[float] = (1.0,), baseline: bool = True, tokenizer: Any = None, batch_size: int = 32,
-              progress: bool = False, model_name: str | None = None, share_layers: bool = True,
-              memory_gb: float = 1.0, backend: str | None = None) -> SweepResult:
+              progress: bool | None = None, model_name: str | None = None, share_layers: bool = True,
+              memory_gb: float = 1.0, backend: str | None = None, own_schedule: bool = False) -> SweepResult:
     """Score every TP row x exit layer on ``pairs`` (a :class:`~tpsurgery.data.PairSet`, normally STS-B dev).
 
     Each row reads every exit layer from one pass, and rows run the first layers they agree on once
     (``share_layers``; :func:`~tpsurgery.sharing.encode_schedules`): TP [1, k) for k = 2..30 costs 436
     decoder-layer forwards per batch instead of 870. Pairs are processed in chunks whose pooled reads fit in
-    ``memory_gb``; only the pair cosines are kept. The recipe's own TP schedule and exit layer are ignored.
+    ``memory_gb``; only the pair cosines are kept. The recipe's own TP schedule and exit layer are ignored, unless
+    ``own_schedule``: then the rows are 'no TP' (if ``baseline``) and the recipe's own schedule, whatever it is
+    (several spans, ``resume``; TP from R "up to the exit" read at every M is what ``exit_layer: M`` runs).
+    ``progress``: None shows a bar once the run has lasted a few seconds (:class:`tpsurgery.batching.Progress`).
     ``backend``: as in :func:`tpsurgery.apply` (rows share layers on nnsight only).
     """
     if not memory_gb > 0:
@@ -151,9 +191,11 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer, backend=backend)
     hidden = embedder.model.get_input_embeddings().weight.shape[1]
     rows, plans = [], []
-    for label, tp in grid(recipe, embedder.n_layers, stops, starts, alphas, baseline):
+    rows_tp = own_rows(recipe, baseline) if own_schedule else grid(recipe, embedder.n_layers, stops, starts, alphas,
+                                                                     baseline)
+    for label, tp in rows_tp:
         row_recipe = recipe.replace(tp=tp, exit_layer=-1)
-        hidden_ph = not tp and any(PLACEHOLDER_MARKER in t for t in recipe.templates)
+        hidden_ph = label == "no TP" and any(PLACEHOLDER_MARKER in t for t in recipe.templates)
         if hidden_ph:  # the honest baseline: the prompt without the marker, exactly (placeholder.mask: all)
             row_recipe = row_recipe.replace(placeholder={**recipe.placeholder.model_dump(), "mask": "all"})
             label = "no TP (placeholder hidden)"
@@ -167,18 +209,15 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     cos = np.empty((len(pairs), n_slots))
     slots: tuple = ()
     cut, bad = set(), set()  # pair indices with a truncated / non-finite sentence
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(pairs), desc="sweep", unit="pair")
+    bar = Progress(progress, len(pairs), desc="sweep", unit="pair")
     for lo, hi in _chunks(pairs, cap):
         texts = list(dict.fromkeys([*pairs.a[lo:hi], *pairs.b[lo:hi]]))
         first_pair = {}
         for i in range(hi - 1, lo - 1, -1):
             first_pair.update({pairs.b[i]: (i, "b"), pairs.a[i]: (i, "a")})
         try:
-            reads = encode_schedules(embedder, texts, plans, batch_size, share_layers=resume, warn=False)
+            reads = encode_schedules(embedder, texts, plans, batch_size, share_layers=resume, warn=False,
+                                     show_progress_bar=False)
         except TpsurgeryError as exc:  # name the pair, whatever the chunking
             k = exc.index
             if k is None or not 0 <= k < len(texts):
@@ -193,10 +232,8 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         ib = [where[t] for t in pairs.b[lo:hi]]
         for s0 in range(0, n_slots, 32):  # a block of slots at a time: two [pairs, 32, d] copies at most
             cos[lo:hi, s0:s0 + 32] = cosine(reads.values[ia, s0:s0 + 32].numpy(), reads.values[ib, s0:s0 + 32].numpy())
-        if bar is not None:
-            bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
+        bar.advance(hi - lo)
+    bar.close()
     if cut:
         warnings.warn(f"{pairs.name}: pairs {_listed(cut)} have a sentence longer than the model's limit "
                       f"({embedder.max_length} tokens); it was truncated", UserWarning, stacklevel=2)

@@ -1,0 +1,75 @@
+"""What a notebook user expects (issue 14): saved embeddings with provenance, stats, dim / model_name, progress bars
+that appear only for long runs, explain in layer ranges."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tpsurgery
+from tpsurgery.saving import texts_sha256
+from tpsurgery.testing import tiny_model
+
+RECIPE = "prompt: 'This : <PST> {text} means'\ntp: {start: 1, stop: 3}\nexit_layer: -1"
+TEXTS = ["a b c", "d e", "a b c", "f"]
+
+
+@pytest.fixture(scope="module")
+def emb():
+    model, tok = tiny_model("qwen2", n_layers=4)
+    with tpsurgery.apply(model, RECIPE, tokenizer=tok) as e:
+        yield e
+
+
+def test_saved_embeddings_come_back_with_their_provenance(emb, tmp_path):
+    path = emb.save(tmp_path / "e.npz", TEXTS, normalize_embeddings=True)
+    saved = tpsurgery.load_embeddings(path)
+    assert np.array_equal(np.asarray(saved), emb.encode(TEXTS, normalize_embeddings=True)) and saved.texts == TEXTS
+    p = saved.provenance
+    assert p["recipe"] == emb.recipe.to_dict() and p["exit_layer"] == 4 and p["l2_normalized"]
+    assert p["texts_sha256"] == texts_sha256(TEXTS) and p["versions"]["torch"] and p["dim"] == emb.dim == 32
+    from tpsurgery.cache import model_fingerprint
+
+    assert p["model_fingerprint"] == model_fingerprint(emb.model) and p["model"] == emb.model_name
+    hidden = tpsurgery.load_embeddings(emb.save(tmp_path / "h.npz", TEXTS[:2], store_texts=False))
+    assert hidden.texts is None and hidden.provenance["texts_sha256"] == texts_sha256(TEXTS[:2])
+
+
+def test_saving_refuses_mismatched_rows_and_loading_refuses_edited_texts(emb, tmp_path):
+    with pytest.raises(tpsurgery.InputError, match="3 texts but 2 embeddings"):
+        emb.save(tmp_path / "x.npz", TEXTS[:3], np.zeros((2, 32)))
+    path = emb.save(tmp_path / "e.npz", TEXTS[:2])
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["texts"] = np.array(json.dumps(["edited", "d e"]))
+    np.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(tpsurgery.InputError, match="do not match their recorded SHA-256"):
+        tpsurgery.load_embeddings(tmp_path / "edited.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(tpsurgery.InputError, match="not an embeddings file"):
+        tpsurgery.load_embeddings(tmp_path / "junk.npz")
+
+
+def test_stats_count_time_throughput_and_memory():
+    model, tok = tiny_model("llama")
+    with tpsurgery.apply(model, RECIPE, tokenizer=tok) as e:
+        e.encode(TEXTS)
+        e.encode("g h")
+        s = e.stats
+        assert s.texts == 5 and s.rows == 4 and s.seconds > 0 and s.texts_per_second > 0 and s.tokens_per_second > 0
+        assert s.peak_memory_mb is None or s.peak_memory_mb > 0
+        assert "5 texts in" in str(s) and "texts/s" in str(s)
+
+
+def test_progress_bars_appear_only_when_asked_or_when_a_run_is_long(emb, capsys, monkeypatch):
+    emb.encode(TEXTS)  # default: a bar only after PROGRESS_DELAY_S seconds; this run is far shorter
+    assert "encode" not in capsys.readouterr().err
+    emb.encode(TEXTS, show_progress_bar=True)
+    assert "encode" in capsys.readouterr().err
+    monkeypatch.setattr("tpsurgery.batching.PROGRESS_DELAY_S", 0.0)  # a "long" run: the default shows the bar
+    emb.encode(TEXTS)
+    assert "encode" in capsys.readouterr().err
+    emb.encode(TEXTS, show_progress_bar=False)
+    assert "encode" not in capsys.readouterr().err
