@@ -20,8 +20,8 @@ Semantics (see docs/recipes.md for the full reference):
 * ``tp.spans``: 0-based half-open spans ``[start, stop)`` of decoder layers; before each such layer the placeholder rows
   of the layer input are overwritten by the source row (``tp.source``, negative index from the end; -1 = last token).
   ``tp.resume: R`` turns TP back on from layer R up to the exit layer (Table 16 of the paper).
-* ``exit_layer: M`` reads what Hugging Face calls ``hidden_states[M]``: 0 is the embedding output, M the output of the
-  M-th decoder layer, and ``n_layers`` the final-norm output. Negative values count from the end like Python indexing
+* ``exit_layer: M`` reads what Hugging Face calls ``hidden_states[M]``: 0 is the embedding output, M the output of
+  decoder layer M-1 (decoder layers are numbered from 0, as in ``tp.spans``), and ``n_layers`` the final-norm output. Negative values count from the end like Python indexing
   of that tuple (-1 = final-norm output, -3 = output of decoder layer n_layers-2).
 """
 
