@@ -20,14 +20,14 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(tmp_path, smollm2):
+def test_quickstart_notebook_runs(tmp_path, smollm2, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     root = str(Path(__file__).resolve().parents[1])
-    os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, so plots become outputs
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = ["".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in c.outputs) for c in code]
