@@ -35,4 +35,5 @@ def test_quickstart_notebook_runs(tmp_path, smollm2, monkeypatch):
     assert "layers 0, 2-27: plain" in text[4] and "texts/s" in text[4]  # explain in layer ranges; stats
     assert "exit hidden_states[" in text[5]  # the sweep's labelled best cell
     assert any("image/png" in o.get("data", {}) for o in code[6].outputs)  # the sweep's plot
-    assert float(text[7]) < 1e-3  # TransformerLens agrees with nnsight
+    result = [o for o in code[7].outputs if o.get("output_type") == "execute_result"]  # not a progress bar's stderr
+    assert float(result[0]["data"]["text/plain"]) < 1e-3  # TransformerLens agrees with nnsight
