@@ -73,3 +73,14 @@ def test_progress_bars_appear_only_when_asked_or_when_a_run_is_long(emb, capsys,
     assert "encode" in capsys.readouterr().err
     emb.encode(TEXTS, show_progress_bar=False)
     assert "encode" not in capsys.readouterr().err
+
+
+def test_saved_embeddings_file_mode_follows_the_umask(emb, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = emb.save(tmp_path / "e.npz", TEXTS[:1])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
+from .textio import atomic_write
 
 FORMAT = "tpsurgery_embeddings"
 PACKAGES = ("tpsurgery", "torch", "transformers", "nnsight", "transformer-lens", "numpy")
@@ -103,17 +103,7 @@ def save_embeddings(path: str | os.PathLike, embedder: Any, texts: Sequence[str]
         arrays["texts"] = np.array(json.dumps(texts, ensure_ascii=False))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, buf.getvalue())  # a temporary file and a rename; the file's mode follows the umask
 
 
 def load_embeddings(path: str | os.PathLike) -> SavedEmbeddings:
