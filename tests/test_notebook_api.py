@@ -84,3 +84,10 @@ def test_saved_embeddings_file_mode_follows_the_umask(emb, tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_encode_warnings_point_at_the_callers_line(emb):
+    """encode is wrapped (stats timing): its warnings must still name the caller's line, not the wrapper."""
+    with pytest.warns(UserWarning, match="truncated") as caught:
+        emb.encode(["0 " * 600])
+    assert caught[0].filename == __file__

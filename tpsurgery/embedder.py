@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,21 +103,18 @@ class EncodeStats:
                 + mem)
 
 
-def _timed(method):
-    """Adds a call's wall time, its number of texts and the peak memory so far to ``self.stats``."""
-
-    @functools.wraps(method)
-    def timed(self, sentences, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return method(self, sentences, *args, **kwargs)
-        finally:
-            self.stats.seconds += time.perf_counter() - t0
-            sized = isinstance(sentences, str) or hasattr(sentences, "__len__")
-            self.stats.texts += (1 if isinstance(sentences, str) else len(sentences)) if sized else 0
-            self.stats.peak_memory_mb = peak_memory_mb(next(self.model.parameters()).device)
-
-    return timed
+@contextlib.contextmanager
+def _timed(stats: EncodeStats, sentences: Any, device: Any) -> Iterator[None]:
+    """Adds a call's wall time, its number of texts and the peak memory so far to ``stats``. A context manager, not a
+    decorator: a wrapper would be one more frame between ``encode``'s warnings and the caller's line."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.seconds += time.perf_counter() - t0
+        sized = isinstance(sentences, str) or hasattr(sentences, "__len__")
+        stats.texts += (1 if isinstance(sentences, str) else len(sentences)) if sized else 0
+        stats.peak_memory_mb = peak_memory_mb(device)
 
 
 class Embedder:
@@ -191,7 +188,6 @@ class Embedder:
                               hide_placeholders=plan.hide_placeholders)
 
     # -- encode ---------------------------------------------------------------------------------------------------
-    @_timed
     def encode(
         self,
         sentences: str | Sequence[str],
@@ -213,46 +209,48 @@ class Embedder:
         resumes. ``show_progress_bar``: ``None`` (default: a bar only once the call has run 3 s), ``True``, ``False``,
         or a caller's bar (``update(n)``) advanced by the call's texts (:class:`~tpsurgery.batching.Progress`).
         """
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else check_texts(sentences)
-        check_budget(batch_size, max_tokens)
-        plan = plan or self.plan
-        if not texts:
-            d = self.hidden_size
-            out = torch.zeros((0, plan.exit_layer + 1, d) if all_layers else (0, d))
-        else:
-            unique = list(dict.fromkeys(texts))
-            where = {t: i for i, t in enumerate(unique)}
-            cached, key = self._cached(unique, plan, all_layers)
-            todo = [t for t in unique if t not in cached]
-            progress = Progress(show_progress_bar, len(texts), 1 / len(self.recipe.templates))
-            progress.advance(len(texts) - len(todo), whole=True)  # duplicates and cached texts are done
-            store = None
-            if key is not None and len(self.recipe.templates) == 1:
-                def store(idx: list[int], values: torch.Tensor) -> None:
-                    self._store(key, [todo[i] for i in idx], values)
-            try:
-                if todo:
-                    per_template = self.per_template(todo, texts, lambda t, cut: self._encode_unique(
-                        todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store))[0]
-                    new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
-                    bad = non_finite_rows(new)
-                    if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
-                        warnings.warn(non_finite_message(caller_indices(bad, todo, texts)), UserWarning, stacklevel=2)
-                    if key is not None and store is None:
-                        self._store(key, todo, new)
-                    cached.update({t: new[i] for i, t in enumerate(todo)})
-            finally:
-                progress.close()
-            out = torch.stack([torch.as_tensor(cached[t]) for t in unique])
-            out = out[torch.tensor([where[t] for t in texts])]
-        if normalize_embeddings:
-            out = torch.nn.functional.normalize(out, dim=-1)
-        if single:
-            out = out[0]
-        if convert_to_tensor or not convert_to_numpy:
-            return out
-        return out.numpy()
+        with _timed(self.stats, sentences, next(self.model.parameters()).device):
+            single = isinstance(sentences, str)
+            texts = [sentences] if single else check_texts(sentences)
+            check_budget(batch_size, max_tokens)
+            plan = plan or self.plan
+            if not texts:
+                d = self.hidden_size
+                out = torch.zeros((0, plan.exit_layer + 1, d) if all_layers else (0, d))
+            else:
+                unique = list(dict.fromkeys(texts))
+                where = {t: i for i, t in enumerate(unique)}
+                cached, key = self._cached(unique, plan, all_layers)
+                todo = [t for t in unique if t not in cached]
+                progress = Progress(show_progress_bar, len(texts), 1 / len(self.recipe.templates))
+                progress.advance(len(texts) - len(todo), whole=True)  # duplicates and cached texts are done
+                store = None
+                if key is not None and len(self.recipe.templates) == 1:
+                    def store(idx: list[int], values: torch.Tensor) -> None:
+                        self._store(key, [todo[i] for i in idx], values)
+                try:
+                    if todo:
+                        per_template = self.per_template(todo, texts, lambda t, cut: self._encode_unique(
+                            todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store))[0]
+                        new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
+                        bad = non_finite_rows(new)
+                        if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
+                            warnings.warn(non_finite_message(caller_indices(bad, todo, texts)), UserWarning,
+                                          stacklevel=2)
+                        if key is not None and store is None:
+                            self._store(key, todo, new)
+                        cached.update({t: new[i] for i, t in enumerate(todo)})
+                finally:
+                    progress.close()
+                out = torch.stack([torch.as_tensor(cached[t]) for t in unique])
+                out = out[torch.tensor([where[t] for t in texts])]
+            if normalize_embeddings:
+                out = torch.nn.functional.normalize(out, dim=-1)
+            if single:
+                out = out[0]
+            if convert_to_tensor or not convert_to_numpy:
+                return out
+            return out.numpy()
 
     def _store(self, key: str, texts: Sequence[str], values: torch.Tensor) -> None:
         """Put the finite rows of ``values`` (one per text) into the embedding cache."""
