@@ -100,8 +100,8 @@ def variants(recipe: Recipe, vary: dict[str, list]) -> list[tuple[str, Recipe]]:
             out.append((label, parse_recipe({**data, "name": f"{recipe.name or 'recipe'} {label}",
                                              "description": desc})))
         except RecipeError as exc:  # the recipe's own check, named for the variant
-            said = str(exc).removeprefix(f"recipe field `{exc.field}`: ")
-            raise RecipeError(exc.field, f"{said} (in the variant {label})") from exc
+            raise RecipeError(exc.field, f"{exc.message} (in the variant {label})",
+                              more=[(f, f"{m} (in the variant {label})") for f, m in exc.problems[1:]]) from exc
     return out
 
 
