@@ -103,7 +103,12 @@ class Bare:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int):
+        import inspect
+
         from transformers.masking_utils import create_causal_mask
+
+        # the cache keyword was renamed across transformers 5.x (past_key_values on 5.17, cache later)
+        CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
         base = self.model.model
         out, where = [], []
@@ -113,8 +118,8 @@ class Bare:
                                output_hidden_states=True).hidden_states[self.m]
             else:
                 h = base.embed_tokens(x)
-                causal = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=mask, cache=None,
-                                            position_ids=pos)
+                causal = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=mask,
+                                            position_ids=pos, **{CACHE_KW: None})
                 rope = base.rotary_emb(h, position_ids=pos)
                 for layer in base.layers[: self.m]:
                     h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos)
