@@ -84,9 +84,9 @@ def test_torchrun_eval_scores_like_one_process(tmp_path):
     assert set(a["scores"]) == {"sts13", "sickr"} and a["scores"] == pytest.approx(b["scores"], abs=2e-4)
 
 
-def _cache_rows(folder: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{folder / 'embeddings.sqlite'}?mode=ro", uri=True, timeout=5)
+def _cache_rows(folder: Path, mode: str = "ro") -> int:
+    try:  # after a SIGKILL mid-write only a read-write connection rolls the hot journal back (read-only sees nothing)
+        con = sqlite3.connect(f"file:{folder / 'embeddings.sqlite'}?mode={mode}", uri=True, timeout=5)
         try:
             return con.execute("SELECT COUNT(*) FROM emb2").fetchone()[0]
         finally:
@@ -130,7 +130,7 @@ def test_killed_torchrun_run_restarts_and_finishes_with_the_same_file(tmp_path):
         assert time.monotonic() < deadline, "a worker survived SIGKILL"
         time.sleep(0.05)
     assert not (tmp_path / "b.npy").exists() and not list(parts.glob("rank00001-*.npy"))  # killed midway
-    from_rank1 = _cache_rows(tmp_path / "cache") - 1  # rank 0's shard is one distinct text
+    from_rank1 = _cache_rows(tmp_path / "cache", mode="rw") - 1  # rank 0's shard is one distinct text
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "rank 0/2: resumed: this rank's shard was finished by an earlier run" in again.stderr, again.stderr
