@@ -18,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -260,16 +261,21 @@ def main(argv=None) -> int:
         results = cpu_peak_memory(argv if argv is not None else sys.argv[1:], results, log)
     for res in results:
         print(show(res), flush=True)
-    env = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "device": args.device,
-           "dtype": args.dtype, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "torch": torch.__version__,
-           "seconds": round(time.time() - t0, 1)}
+    report(" ".join([os.path.basename(sys.executable), *sys.argv]), args, t0, results,
+           load_avg_at_end=os.getloadavg())
+    return 0
+
+
+def report(command: str, args: Any, t0: float, results: list, **extra: Any) -> None:
+    """Print the machine line and write ``{"env", "results"}`` to ``args.out`` (shared by the benchmarks)."""
+    env = {"command": command, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), **extra,
+           "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     print(f"\nmachine: {json.dumps(env)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

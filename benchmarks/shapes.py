@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import tpsurgery  # noqa: E402
-from run import PeakMemory, sentences  # noqa: E402
+from run import PeakMemory, report, sentences  # noqa: E402
 from tpsurgery.prompts import preprocess_sentence  # noqa: E402
 
 PROMPT = 'This sentence : "{text}" means in one word:"'
@@ -256,16 +255,8 @@ def main(argv=None) -> int:
         del model, bare_model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    env = {"command": " ".join(["python", "benchmarks/shapes.py", *(argv if argv is not None else sys.argv[1:])]),
-           "device": args.device, "dtype": args.dtype, "threads": args.threads,
-           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "load_avg_start": load0, "load_avg_end": os.getloadavg(), "torch": torch.__version__,
-           "seconds": round(time.time() - t0, 1)}
-    if args.device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-    print(f"\nmachine: {json.dumps(env)}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
+    report(" ".join(["python", "benchmarks/shapes.py", *(argv if argv is not None else sys.argv[1:])]), args, t0,
+           results, load_avg_start=load0, load_avg_end=os.getloadavg())
     return 0
 
 
