@@ -89,3 +89,22 @@ def test_cli_vary_sweeps_each_variant_like_its_own_recipe(tmp_path):
                            tokenizer=tok)
     best = max(range(4), key=lambda m: (want.rows[1]["scores"][m] or -1e9, -m))
     assert auto.plan.exit_layer == best
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is not present")
+def test_cli_vary_with_own_schedule_sweeps_each_variants_own_schedule(tmp_path):
+    model, tok = tiny_model("llama", n_layers=3, seed=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    own = CP + "tp: {spans: [{start: 0, stop: 1}, {start: 2, stop: 3}]}\n"
+    (tmp_path / "r.yaml").write_text(own)
+    out = tmp_path / "sw"
+    result = CliRunner().invoke(app, ["sweep", "-r", str(tmp_path / "r.yaml"), "-m", str(tmp_path / "m"), "-d",
+                                      str(SAMPLES), "--task", "stsb", "--own-schedule", "--vary",
+                                      "edits.factor=0.5,3", "-o", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    found = json.loads((out / "variants.json").read_text())
+    assert [r["label"] for r in found["variants"][1]["rows"]] == ["no TP (placeholder hidden)", "recipe: TP [0,1)+[2,3)"]
+    want = run_sweep(model, own.replace("factor: 2.0", "factor: 3"), load_stsb([SAMPLES], "test"), tokenizer=tok,
+                     own_schedule=True)
+    assert found["variants"][1]["rows"] == want.rows

@@ -220,14 +220,14 @@ def sweep(
         hf_model, tok, _ = resolve_model(model, device=device)
     kw = dict(stops=parse_ints(stops) if stops else None, starts=parse_ints(starts), alphas=parse_floats(alphas),
               baseline=baseline, tokenizer=tok, batch_size=batch_size, progress=progress, model_name=model,
-              backend=backend, memory_gb=memory_gb)
+              backend=backend, memory_gb=memory_gb, own_schedule=own_schedule)
     if grid:
         found = run_variants(hf_model, as_recipe(recipe), grid, pairs, **kw)
         typer.echo(found.table(), nl=False)
         for k, p in found.write(out_dir).items():
             typer.echo(f"wrote {k}: {p}")
         return
-    res = run_sweep(hf_model, recipe, pairs, own_schedule=own_schedule, **kw)
+    res = run_sweep(hf_model, recipe, pairs, **kw)
     paths = write_outputs(res, out_dir)
     typer.echo(f"best: {res.best()} on {res.task} "
                f"({res.n_pairs} pairs, {len(res.rows)} rows, {res.extra['layer_forwards_per_batch']} of "
