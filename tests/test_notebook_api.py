@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tpsurgery
+from tpsurgery.sharing import encode_schedules
 from tpsurgery.saving import texts_sha256
 from tpsurgery.testing import tiny_model
 
@@ -61,6 +62,10 @@ def test_stats_count_time_throughput_and_memory():
         assert s.texts == 5 and s.rows == 4 and s.seconds > 0 and s.texts_per_second > 0 and s.tokens_per_second > 0
         assert s.peak_memory_mb is None or s.peak_memory_mb > 0
         assert "5 texts in" in str(s) and "texts/s" in str(s)
+        seconds = s.seconds
+        plans = [e.plan_for(e.recipe.replace(exit_layer=k)) for k in (1, 2)]
+        encode_schedules(e, TEXTS, plans)  # a sweep's reads count like encode's: texts, batches and time
+        assert s.texts == 9 and s.rows > 4 and s.seconds > seconds
 
 
 def test_progress_bars_appear_only_when_asked_or_when_a_run_is_long(emb, capsys, monkeypatch):

@@ -188,6 +188,11 @@ class Embedder:
                               hide_placeholders=plan.hide_placeholders)
 
     # -- encode ---------------------------------------------------------------------------------------------------
+    def timing(self, sentences: Any) -> contextlib.AbstractContextManager[None]:
+        """Counts one call over ``sentences`` in :attr:`stats` (wall time, texts, peak memory), also when it fails;
+        ``encode`` and :func:`tpsurgery.sharing.encode_schedules` run inside it."""
+        return _timed(self.stats, sentences, next(self.model.parameters()).device)
+
     def encode(
         self,
         sentences: str | Sequence[str],
@@ -209,7 +214,7 @@ class Embedder:
         resumes. ``show_progress_bar``: ``None`` (default: a bar only once the call has run 3 s), ``True``, ``False``,
         or a caller's bar (``update(n)``) advanced by the call's texts (:class:`~tpsurgery.batching.Progress`).
         """
-        with _timed(self.stats, sentences, next(self.model.parameters()).device):
+        with self.timing(sentences):
             single = isinstance(sentences, str)
             texts = [sentences] if single else check_texts(sentences)
             check_budget(batch_size, max_tokens)

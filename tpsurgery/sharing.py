@@ -219,7 +219,8 @@ def encode_schedules(embedder: Any, sentences: Sequence[str], plans: Sequence[Pl
             off += sharing.n_slots
 
     try:
-        truncated = embedder.per_template(unique, texts, add_template, warn)[1] if unique else []
+        with embedder.timing(texts):
+            truncated = embedder.per_template(unique, texts, add_template, warn)[1] if unique else []
     finally:
         progress.close()
     values /= len(embedder.recipe.templates)
