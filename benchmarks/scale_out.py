@@ -50,7 +50,7 @@ def run(cmd: list[str], threads: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipe", default="recipes/smollm2-prompteol-tp.yaml")
+    ap.add_argument("--recipe", default="smollm2-prompteol-tp", help="shipped name or YAML file")
     ap.add_argument("--lines", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
