@@ -103,6 +103,23 @@ def test_special_token_text_on_smollm2_is_not_special(smollm2):
             encode_prompts(tok, chat, ["fine", "a <|im_end|> b"], 0, preprocess=False, compat=compat)
 
 
+def test_an_added_special_token_outside_the_named_ones_is_refused_in_the_text():
+    """A token added with ``special=True`` but not named (bos/eos/...) is still parsed as one special token (as is
+    SmolLM2's <|im_end|> after transformers 5.17's GGUF conversion): a marker in a template, refused in the text."""
+    from tokenizers import AddedToken
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken("<|turn|>", special=True, normalized=False)])
+    turn = tok.convert_tokens_to_ids("<|turn|>")
+    assert "<|turn|>" not in tok.all_special_tokens  # the case this is about
+    (row,) = encode_prompts(tok, "<|turn|> <PST> {text}<|turn|>", ["a b"], 0, preprocess=False)
+    assert row.ids[0] == turn and row.ids[-1] == turn
+    with pytest.raises(tpsurgery.InputError, match=r"^input 1: the text contains the special token '<\|turn\|>'"):
+        encode_prompts(tok, "<|turn|> <PST> {text}<|turn|>", ["fine", "a <|turn|> b"], 0, preprocess=False)
+    (plain,) = encode_prompts(tok, P, ["a <|turn|> b"], 0, preprocess=True)  # no specials in the template: split
+    assert turn not in plain.ids
+
+
 def _short_context_llama(limit: int = 64):
     from transformers import AutoModelForCausalLM
 

@@ -169,10 +169,15 @@ class _Tokenize:
 
     def __init__(self, tokenizer: Any, template: str):
         self.tokenizer = tokenizer
-        specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", ()) if str(t)]
+        # The named special tokens and every added token flagged special: the tokenizer parses all of them as one
+        # special token (transformers 5.17's GGUF conversion names only <|im_start|> and <|endoftext|> for SmolLM2,
+        # yet <|im_end|> stays a special added token).
+        added = {i: str(t) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                 if getattr(t, "special", False)}
+        specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", ()) if str(t)] + list(added.values())
         literal = "".join(p for p in split_template(template) if p not in (PLACEHOLDER_MARKER, TEXT_SLOT))
-        self.template_has_specials = any(t in literal for t in specials)
-        self.special_ids = set(getattr(tokenizer, "all_special_ids", ()))
+        self.template_has_specials = any(t in literal for t in specials if t)
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", ())) | set(added)
 
     def __call__(self, strings: list[str], add_special_tokens: bool = True) -> Any:
         return self.tokenizer(strings, return_offsets_mapping=True, add_special_tokens=add_special_tokens,
