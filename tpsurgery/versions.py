@@ -23,7 +23,7 @@ from typing import Mapping
 
 from .errors import ModelError
 
-#: package -> (lowest verified version, first excluded version); keep in step with pyproject.toml and .ci/run.
+#: package -> (lowest verified version, first excluded version); tests/test_floors.py keeps the lows = pyproject floors.
 VERIFIED = {"transformers": ("5.17.0", "6"), "nnsight": ("0.8.0", "0.9")}
 
 
