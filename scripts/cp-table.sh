@@ -12,3 +12,5 @@ sweep -r cp-prompteol --vary edits.layers=3,5,7,9 -o "$out/cp-l"                
 sweep -r cp-prompteol --vary edits.factor=0.5,1,3 -o "$out/cp-c"                               # CP scaled l=5, C
 sweep -r cp-prompteol --vary edits.layers=4 --vary edits.factor=0.5 -o "$out/cp-official"      # official Llama-2
 sweep -r cp-prompteol-norm --vary edits.layers=5,9 -o "$out/cp-norm"                            # CP norm, l
+sweep -r prompteol-tp-cp --stops 2 --no-baseline --vary edits.layers=4,9 --vary edits.factor=0.25,0.5,1 \
+  -o "$out/tp12-cp"                                                                             # TP [1,2) + CP, l x C

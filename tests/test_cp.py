@@ -53,7 +53,8 @@ def test_tp_and_cp_in_one_recipe_equal_the_oracle(arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, tp_layers", [("cp-prompteol", ()), ("cp-prompteol-norm", ()),
-                                             ("prompteol-tp-cp", tuple(range(1, 8)))])
+                                             ("prompteol-tp-cp", tuple(range(1, 8))),
+                                             ("smollm2-cp-prompteol", ()), ("smollm2-prompteol-tp-cp", (1,))])
 def test_shipped_cp_recipes_equal_the_oracle_on_smollm2(smollm2, name, tp_layers):
     model, tok = smollm2
     recipe = tpsurgery.load_recipe(name)
@@ -64,6 +65,6 @@ def test_shipped_cp_recipes_equal_the_oracle_on_smollm2(smollm2, name, tp_layers
 
 def test_shipped_cp_recipes_keep_working_with_another_exit_layer():
     for name in ("cp-prompteol", "cp-prompteol-norm", "cp-cot", "cp-cot-norm", "cp-knowledge", "cp-knowledge-norm",
-                 "prompteol-tp-cp"):
+                 "prompteol-tp-cp", "smollm2-cp-prompteol", "smollm2-prompteol-tp-cp"):
         r = tpsurgery.load_recipe(name)
         assert r.replace(exit_layer=10).edits == r.edits and r.runs["irrelevant"] == AUX

@@ -57,12 +57,12 @@ def test_regress_command_exit_codes(tmp_path):
 
 @pytest.mark.skipif(not SENTEVAL.is_dir(), reason=f"{SENTEVAL} is not present")
 def test_smollm2_stsb_dev_subset_matches_golden(smollm2, tmp_path):
-    """The project's CI guard: both shipped SmolLM2 recipes on 200 evenly spaced pairs, all six genre/source
-    sub-sets (~70 s on 2 cores).
+    """The project's CI guard: the four shipped SmolLM2 recipes (PromptEOL, + TP, + CP, + TP + CP) on 200 evenly
+    spaced pairs, all six genre/source sub-sets (~2 min on 2 cores).
 
-    Strict (a rise beyond tol also fails: the golden numbers are this implementation's own). The two recipes differ
-    by 2.4 points here and neighbouring exit layers by >= 0.87, so a silently dropped TP schedule or a shifted exit
-    layer fails the check.
+    Strict (a rise beyond tol also fails: the golden numbers are this implementation's own). PromptEOL and + TP differ
+    by 2.4 points here, each CP recipe from its CP-less twin by >= 0.56 and neighbouring exit layers by >= 0.87, so a
+    silently dropped TP schedule or CP edit or a shifted exit layer fails the check.
     """
     golden = json.loads(GOLDEN.read_text())
     model, tok = smollm2
