@@ -5,7 +5,9 @@
         "PromptEOL+TP [1,2)=docs/figures/smollm2-sweep.json:TP [1,2)" \
         "PromptEOL+TP [1,8) (paper's span)=docs/figures/smollm2-sweep.json:TP [1,8)"
 
-Each curve is NAME=SWEEP_JSON:ROW_LABEL; the best exit layer of each curve is marked. docs/reproduction.md.
+Each curve is NAME=SWEEP_JSON:ROW_LABEL, or NAME=VARIANTS_JSON:VARIANT_LABEL[/ROW_LABEL] for the variants.json of
+``tpsurgery sweep --vary`` (the row may be left out when the variant's sweep has one row); the best exit layer of
+each curve is marked. docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+
+def row_scores(path: Path, label: str) -> tuple[dict, list]:
+    """``(sweep, scores by exit layer)`` of one row of a sweep.json or of one variant of a variants.json."""
+    found = json.loads(path.read_text(encoding="utf-8"))
+    sweep = found
+    if "variants" in found:
+        name, _, label = label.partition("/")
+        by_name = {v["label"]: v for v in found["variants"]}
+        if name not in by_name:
+            raise SystemExit(f"{path} has no variant {name!r}; variants: {', '.join(by_name)}")
+        sweep = by_name[name]
+        if not label and len(sweep["rows"]) == 1:
+            label = sweep["rows"][0]["label"]
+    rows = {r["label"]: r["scores"] for r in sweep["rows"]}
+    if label not in rows:
+        raise SystemExit(f"{path} has no row {label!r}; rows: {', '.join(rows)}")
+    return sweep, rows[label]
 
 
 def main() -> None:
@@ -30,13 +50,11 @@ def main() -> None:
     ax = fig.add_subplot()
     title = args.title
     for spec in args.curves:
-        name, _, rest = spec.partition("=")
-        path, _, label = rest.partition(":")
-        sweep = json.loads(Path(path).read_text(encoding="utf-8"))
-        rows = {r["label"]: r["scores"] for r in sweep["rows"]}
-        if label not in rows:
-            raise SystemExit(f"{path} has no row {label!r}; rows: {', '.join(rows)}")
-        scores = rows[label]
+        head, sep, label = spec.partition(".json:")
+        name, _, path = (head + sep[:-1]).rpartition("=")  # names and labels may hold '=' and ':', paths end in .json
+        if not sep or not name:
+            raise SystemExit(f"{spec!r}: want NAME=FILE.json:LABEL")
+        sweep, scores = row_scores(Path(path), label)
         xs = [m for m, s in enumerate(scores) if s is not None]
         ys = [scores[m] for m in xs]
         best = max(range(len(ys)), key=ys.__getitem__)
