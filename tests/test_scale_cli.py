@@ -56,7 +56,9 @@ def test_torchrun_two_processes_write_the_single_process_array(tmp_path):
     assert one.returncode == 0, one.stderr
     two = _embed(tmp_path, TORCHRUN, "b.npy", "cache-b", "--batch-size", "2")
     assert two.returncode == 0, two.stderr
-    assert two.stdout.count("wrote") == 1 and "resumed" not in two.stderr  # rank 0 reports; nothing was cached
+    assert two.stdout.count("wrote") == 1  # rank 0 reports
+    # nothing was cached before; "a b" is in both shards, so one rank may find the other's row in the shared cache
+    assert sum(int(n) for n in re.findall(r"resumed: (\d+) text", two.stderr)) <= 1, two.stderr
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert a.shape == b.shape == (len(LINES), 32) and np.allclose(a, b, atol=1e-6, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # parts merged and removed

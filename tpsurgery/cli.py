@@ -127,7 +127,8 @@ def embed(
     if report.reused:
         typer.echo(f"{who}resumed: this rank's shard was finished by an earlier run (its part file was reused)", err=True)
     elif report.cached:
-        typer.echo(f"{who}resumed: {report.cached} text(s) came from the embedding cache", err=True)
+        also = " (an earlier run's, or another rank's of this run: ranks share the cache)" if world.size > 1 else ""
+        typer.echo(f"{who}resumed: {report.cached} text(s) came from the embedding cache{also}", err=True)
     if world.main:
         typer.echo(f"wrote {output}: {report.rows} x {report.dim} float32")
 
