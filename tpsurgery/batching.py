@@ -16,6 +16,7 @@ length of the call: ordinary texts fill whole batches as before; only outliers g
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any, Sequence
 
 from .errors import InputError
@@ -72,27 +73,44 @@ class Progress:
     when ipywidgets is installed, text on stderr otherwise.
 
     >>> p = Progress(False, 3); p.advance(2); p.close()
+    >>> p = Progress(None, 3); p.advance(1); p.bar is None    # a quick call: no tqdm is even made
+    True
     """
 
     def __init__(self, show: Any, total: int, share: float = 1.0, desc: str = "encode", unit: str = "text"):
         self.share = share
         self.owned = (show is None or bool(show)) and not hasattr(show, "update")
-        if self.owned:
-            try:
-                import ipywidgets  # noqa: F401  (tqdm's notebook bars need it; without it they raise)
-                from tqdm.auto import tqdm
-            except ImportError:
-                from tqdm import tqdm
+        self.bar: Any = show if hasattr(show, "update") else None
+        self._spec = (total, desc, unit)
+        self._delay = PROGRESS_DELAY_S if show is None else 0.0
+        self._t0 = time.perf_counter()
+        self._done: float = 0  # an int while whole texts are counted: tqdm prints "7/7", not "7.0/7"
+        if self.owned and self._delay <= 0:
+            self._open()
 
-            self.bar: Any = tqdm(total=total, desc=desc, unit=unit, delay=PROGRESS_DELAY_S if show is None else 0)
-        else:
-            self.bar = show if hasattr(show, "update") else None
+    def _open(self) -> None:
+        """The bar itself, made only once it is shown: a quick call builds no tqdm (~50 us and a monitor thread)."""
+        try:
+            import ipywidgets  # noqa: F401  (tqdm's notebook bars need it; without it they raise)
+            from tqdm.auto import tqdm
+        except ImportError:
+            from tqdm import tqdm
+
+        total, desc, unit = self._spec
+        self.bar = tqdm(total=total, desc=desc, unit=unit, initial=self._done)
 
     def advance(self, n: int, whole: bool = False) -> None:
         """``n`` rows of one pass done (``whole``: ``n`` texts done outright, e.g. found in the cache)."""
-        if self.bar is not None and n:
-            self.bar.update(n if whole or self.share == 1 else n * self.share)
+        if not n:
+            return
+        step = n if whole or self.share == 1 else n * self.share
+        if self.bar is None and self.owned:
+            self._done += step
+            if time.perf_counter() - self._t0 >= self._delay:
+                self._open()
+        elif self.bar is not None:
+            self.bar.update(step)
 
     def close(self) -> None:
-        if self.owned:
+        if self.owned and self.bar is not None:
             self.bar.close()
