@@ -1,5 +1,6 @@
-"""The shipped recipe library: ``tpsurgery/recipes/*.yaml``, installed with the package (package data), so a recipe
-loads by name from any folder: ``tpsurgery.load_recipe("smollm2-prompteol-tp")``.
+"""The shipped recipe library: the top-level ``recipes/*.yaml`` of the source tree (browse and copy them there),
+installed into the wheel as ``tpsurgery/recipes/`` (package data; pyproject maps ``tpsurgery.recipes`` to
+``recipes/``), so a recipe loads by name from any folder: ``tpsurgery.load_recipe("smollm2-prompteol-tp")``.
 
 >>> "prompteol-tp" in [name for name, _ in list_recipes()]
 True
@@ -16,7 +17,21 @@ from pathlib import Path, PurePath
 from .errors import RecipeError
 from .recipe import Recipe, parse_recipe, read_recipe
 
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def _recipe_dir() -> Path:
+    """``tpsurgery/recipes`` in an installed wheel, else ``recipes/`` beside the package (a source checkout, an
+    editable install, ``PYTHONPATH``): one copy of the library in git, found by path, never by import.
+
+    >>> _recipe_dir().name, (_recipe_dir() / "echo.yaml").is_file()
+    ('recipes', True)
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
+
+
+RECIPE_DIR = _recipe_dir()
 
 
 def list_recipes() -> list[tuple[str, str]]:

@@ -432,7 +432,8 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a YAML (or JSON) file; errors name the file. Shipped recipes by name:
     :func:`tpsurgery.library.load_recipe` (``tpsurgery.load_recipe``).
 
-    >>> read_recipe(Path(__file__).parent / "recipes" / "prompteol-tp.yaml").tp.spans[0].stop
+    >>> from tpsurgery.library import RECIPE_DIR
+    >>> read_recipe(RECIPE_DIR / "prompteol-tp.yaml").tp.spans[0].stop
     8
     """
     p = Path(path)
