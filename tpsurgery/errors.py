@@ -70,5 +70,28 @@ class BackendError(TpsurgeryError):
         super().__init__(f"{where}{message}", index=index)
 
 
+class ExtraError(TpsurgeryError, ImportError):
+    """An optional dependency is missing; the message names the pip extra that installs it."""
+
+
+def import_extra(module: str, extra: str, purpose: str):
+    """``importlib.import_module(module)``, or an :class:`ExtraError` naming the extra that installs it.
+
+    >>> import_extra("json", "eval", "tests").__name__
+    'json'
+    >>> import_extra("tpsurgery_no_such_module", "eval", "Spearman correlations")
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.ExtraError: Spearman correlations need tpsurgery_no_such_module, not installed: pip install 'tpsurgery[eval]'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ExtraError(f"{purpose} need {module.split('.')[0]}, not installed: pip install 'tpsurgery[{extra}]'") \
+            from exc
+
+
 class LaunchError(TpsurgeryError):
     """A multi-process run is set up inconsistently (torchrun's environment, another run's part files)."""

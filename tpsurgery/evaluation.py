@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from . import data as D
-from .errors import InputError
+from .errors import InputError, import_extra
 
 STS_TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 TRANSFER_TASKS = ("mr", "cr", "subj", "mpqa", "sst2", "trec", "mrpc")
@@ -127,7 +127,7 @@ def spearman100(pred: np.ndarray, gold: np.ndarray) -> np.ndarray | float:
     """
     import warnings
 
-    from scipy.stats import spearmanr
+    spearmanr = import_extra("scipy.stats", "eval", "Spearman correlations (evaluations, sweeps)").spearmanr
 
     with warnings.catch_warnings():  # constant predictions (e.g. hidden_states[0] of the last token) give NaN
         warnings.simplefilter("ignore")
@@ -154,6 +154,7 @@ def evaluate_sts(encoder: Any, sets: Sequence[D.PairSet], batch_size: int = 32, 
 
 # -- transfer -----------------------------------------------------------------------------------------------------------
 def _classifier(c: float, standardize: bool = True):
+    import_extra("sklearn", "eval", "transfer evaluations")
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -168,6 +169,7 @@ def _fit_score(c, xtr, ytr, xte, yte, standardize: bool = True) -> float:
 
 def _cv_best(x, y, regs, kfold, n_jobs, standardize: bool = True) -> tuple[float, float]:
     """``(best C, its mean k-fold accuracy)`` on ``x, y`` (StratifiedKFold, SentEval's seed)."""
+    import_extra("sklearn", "eval", "transfer evaluations")
     from joblib import Parallel, delayed
     from sklearn.model_selection import StratifiedKFold
 
@@ -189,6 +191,7 @@ def classify(task: D.ClassificationSet, features: dict[str, np.ndarray], kfold: 
     * ``train``/``dev``/``test`` (SST2): C in 2^-2..2^3 chosen on dev, trained on train, scored on test.
     * ``train``/``test`` (TREC, MRPC): C in 2^-1..2^5 chosen by k-fold CV on train, refit on train, scored on test.
     """
+    import_extra("sklearn", "eval", "transfer evaluations")
     from sklearn.model_selection import StratifiedKFold
 
     y = {k: s.y for k, s in task.splits.items()}

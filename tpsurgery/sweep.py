@@ -36,7 +36,7 @@ from .api import apply, as_recipe
 from .backends import ResumableBackend
 from .batching import Progress
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
-from .errors import InputError, TpsurgeryError
+from .errors import InputError, TpsurgeryError, import_extra
 from .evaluation import _atomic_write_text, cosine, spearman100
 from .plan import compile_plan
 from .resources import renumbered
@@ -105,6 +105,7 @@ class SweepResult:
 
     def heatmap(self, path: str | os.PathLike) -> Path:
         """Write a heatmap PNG (rows: TP schedules, columns: exit layer M; the best cell boxed). Agg, no GUI."""
+        import_extra("matplotlib", "eval", "sweep heatmaps")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.patches import Rectangle

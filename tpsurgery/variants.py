@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, import_extra
 from .recipe import Recipe, parse_recipe
 
 
@@ -133,6 +133,7 @@ class VariantSweeps:
 
     def curves(self, path: str | Path) -> Path:
         """Spearman x100 against the exit layer, one line per variant and TP row (PNG, Agg backend)."""
+        import_extra("matplotlib", "eval", "exit-layer curves")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
