@@ -96,3 +96,63 @@ def test_encode_warnings_point_at_the_callers_line(emb):
     with pytest.warns(UserWarning, match="truncated") as caught:
         emb.encode(["0 " * 600])
     assert caught[0].filename == __file__
+
+
+def test_a_bar_opened_late_shows_the_true_rate_and_a_finished_run_once(monkeypatch, capsys):
+    """Issue 24: after the delay the bar read `80% 16/20 [00:00<?, ?text/s]` (made then, with the work as `initial`),
+    and a run finished by then was drawn twice (`sweep: 100% 8/8` at creation and at close)."""
+    import time
+
+    from tpsurgery.batching import Progress
+
+    monkeypatch.setattr("tpsurgery.batching.PROGRESS_DELAY_S", 0.2)
+    p = Progress(None, 20)
+    time.sleep(0.3)
+    p.advance(16)
+    shown = str(p.bar)
+    assert "16/20" in shown and "?" not in shown and p.bar.format_dict["elapsed"] >= 0.3
+    rate = 16 / p.bar.format_dict["elapsed"]
+    assert f"{rate:.1f}"[:-2] in shown  # texts per second since the run began (tqdm rounds the last digit)
+    p.close()
+    capsys.readouterr()
+    q = Progress(None, 8, desc="sweep", unit="pair")
+    time.sleep(0.3)
+    q.advance(8)
+    q.close()
+    err = capsys.readouterr().err
+    assert err.count("sweep: 100%") == 1 and "8/8" in err and "?pair/s" not in err
+
+
+def test_load_model_shows_no_loading_weights_bar_and_restores_transformers(tmp_path, capfd):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    capfd.readouterr()
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # what transformers draws on its own
+    assert "Loading weights" in capfd.readouterr().err
+    tpsurgery.load_model(tmp_path)
+    assert "Loading weights" not in capfd.readouterr().err
+    with pytest.raises(tpsurgery.ModelError):
+        tpsurgery.load_model(tmp_path / "missing")
+    previous = hf_logging.set_tqdm_hook(None)  # restored after each load, the failed one too
+    hf_logging.set_tqdm_hook(previous)
+    assert previous is None and hf_logging.is_progress_bar_enabled()
+
+
+def test_save_records_how_it_got_the_vectors_and_keeps_given_ones(emb, tmp_path):
+    """Issue 24: after encode(normalize_embeddings=True), a bare save(path, texts) encodes again, unnormalized; the
+    provenance says so, embeddings= stores the given vectors unchanged, and mixing both is refused."""
+    vectors = emb.encode(TEXTS, normalize_embeddings=True)
+    again = tpsurgery.load_embeddings(emb.save(tmp_path / "a.npz", TEXTS))
+    p = again.provenance
+    assert (p["encoded_by_save"], p["normalize_embeddings"], p["l2_normalized"]) == (True, False, False)
+    given = tpsurgery.load_embeddings(emb.save(tmp_path / "g.npz", TEXTS, embeddings=vectors))
+    p = given.provenance
+    assert (p["encoded_by_save"], p["normalize_embeddings"], p["l2_normalized"]) == (False, None, True)
+    assert np.array_equal(given.embeddings, vectors)
+    with pytest.raises(tpsurgery.InputError, match=r"embeddings= and encode arguments \(normalize_embeddings\)"):
+        emb.save(tmp_path / "x.npz", TEXTS, embeddings=vectors, normalize_embeddings=True)
+    assert not (tmp_path / "x.npz").exists()

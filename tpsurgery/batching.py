@@ -84,6 +84,7 @@ class Progress:
         self._spec = (total, desc, unit)
         self._delay = PROGRESS_DELAY_S if show is None else 0.0
         self._t0 = time.perf_counter()
+        self._wall0 = time.time()  # tqdm's clock: a bar opened late counts its time and rate from here
         self._done: float = 0  # an int while whole texts are counted: tqdm prints "7/7", not "7.0/7"
         if self.owned and self._delay <= 0:
             self._open()
@@ -97,7 +98,18 @@ class Progress:
             from tqdm import tqdm
 
         total, desc, unit = self._spec
-        self.bar = tqdm(total=total, desc=desc, unit=unit, initial=self._done)
+        if not self._done:
+            self.bar = tqdm(total=total, desc=desc, unit=unit)
+            return
+        # Opened late, with work done: the bar starts at the run's true start, so its elapsed time, rate and ETA are
+        # right at once (not "?text/s"); `delay` keeps tqdm from drawing it at 0 first. A run already finished is
+        # drawn once, by close(); otherwise now, and then as it moves.
+        bar = tqdm(total=total, desc=desc, unit=unit, delay=1e-9)
+        bar.n = bar.last_print_n = self._done
+        bar.start_t, bar.last_print_t = self._wall0, bar._time()
+        if self._done < total:
+            bar.refresh()
+        self.bar = bar
 
     def advance(self, n: int, whole: bool = False) -> None:
         """``n`` rows of one pass done (``whole``: ``n`` texts done outright, e.g. found in the cache)."""

@@ -266,11 +266,22 @@ class Embedder:
 
     def save(self, path: Any, texts: str | Sequence[str], embeddings: Any = None, *, store_texts: bool = True,
              **encode_kwargs: Any) -> Any:
-        """Write the embeddings of ``texts`` (encoded now with ``encode_kwargs`` unless given) with their provenance
-        to ``path`` (``.npz``; :mod:`tpsurgery.saving`); read back with :func:`tpsurgery.load_embeddings`."""
-        if embeddings is None:
+        """Write the embeddings of ``texts`` with their provenance to ``path`` (``.npz``; :mod:`tpsurgery.saving`);
+        read back with :func:`tpsurgery.load_embeddings`.
+
+        Pass the vectors you already have as ``embeddings=`` (``emb.save(path, texts, embeddings=vectors)``). Without
+        it, save encodes ``texts`` again with ``encode_kwargs`` alone: after ``encode(..., normalize_embeddings=True)``
+        a bare ``save(path, texts)`` stores unnormalized vectors. The provenance records which
+        (``encoded_by_save``, ``normalize_embeddings``: None when given; ``l2_normalized``: what the rows are)."""
+        encoded = embeddings is None
+        if encoded:
             embeddings = self.encode(texts, **encode_kwargs)
-        return save_embeddings(path, self, texts, embeddings, store_texts=store_texts)
+        elif encode_kwargs:
+            raise InputError(None, f"save got embeddings= and encode arguments ({', '.join(encode_kwargs)}): the "
+                                   "arguments only apply when save encodes the texts itself")
+        how = {"encoded_by_save": encoded,
+               "normalize_embeddings": bool(encode_kwargs.get("normalize_embeddings", False)) if encoded else None}
+        return save_embeddings(path, self, texts, embeddings, store_texts=store_texts, how=how)
 
     @property
     def dim(self) -> int:

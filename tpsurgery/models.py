@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -198,6 +199,37 @@ def check_cache_dir(path: Path) -> None:
                          f"run `chmod o-w {path}` or set TPSURGERY_CACHE to a private folder")
 
 
+@contextlib.contextmanager
+def no_loading_bar():
+    """transformers' own progress bars (the "Loading weights" bar of every ``from_pretrained``) off inside, the
+    previous state restored after, also on errors. huggingface_hub's download bars stay: a download is worth a bar.
+
+    >>> from transformers.utils import logging as hf_logging
+    >>> with no_loading_bar():
+    ...     type(hf_logging.tqdm(range(3), desc="Loading weights")).__name__
+    'EmptyTqdm'
+    >>> type(hf_logging.tqdm(range(3), disable=True)).__name__ != "EmptyTqdm"   # restored
+    True
+    """
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is None:  # a transformers without the hook: the global switch (it also hides download bars)
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+        return
+    previous = set_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -208,11 +240,17 @@ def load_model(
     """Load ``(model, tokenizer)`` from a HF id or folder, a ``.gguf`` file, or ``"smollm2-135m"``.
 
     GGUF weights (also the embedded default model) are dequantized once into a safetensors copy under
-    :func:`cache_dir`; later loads take seconds. ``trust_remote_code`` stays off unless asked for.
+    :func:`cache_dir`; later loads take seconds. ``trust_remote_code`` stays off unless asked for. Quiet: no
+    "Loading weights" bar (:func:`no_loading_bar`); downloads from the hub still show theirs.
     """
+    with no_loading_bar():
+        return _load_model(str(name_or_path), dtype, device, trust_remote_code)
+
+
+def _load_model(name: str, dtype: torch.dtype, device: str | torch.device | None,
+                trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = str(name_or_path)
     converted = name == DEFAULT_MODEL or name.endswith(".gguf")
     if name == DEFAULT_MODEL:
         source = _converted_copy(smollm2_gguf_path())

@@ -3,7 +3,9 @@
 One ``.npz`` file (NumPy, no pickle): the float32 matrix, the texts (unless ``store_texts=False``; their SHA-256 is
 always kept) and a JSON provenance record: the recipe and its hash, the exit layer as a ``hidden_states`` index, the
 model's name and exact fingerprint (:func:`tpsurgery.cache.model_fingerprint`), the tokenizer's, backend, device,
-dtype and the versions of Python, tpsurgery, torch, transformers, nnsight and numpy.
+dtype, whether the rows are L2-normalized (``l2_normalized``) and how save got them (``encoded_by_save``; when it
+encoded them, ``normalize_embeddings``), and the versions of Python, tpsurgery, torch, transformers, nnsight and
+numpy. Vectors already computed go in as ``embeddings=``, unchanged:
 
 >>> import tempfile, tpsurgery
 >>> from tpsurgery.testing import tiny_model
@@ -13,6 +15,10 @@ dtype and the versions of Python, tpsurgery, torch, transformers, nnsight and nu
 >>> saved = tpsurgery.load_embeddings(path)
 >>> saved.embeddings.shape, saved.texts, saved.provenance["exit_layer"], saved.provenance["recipe_hash"] == emb.recipe.hash()
 ((2, 32), ['a b', 'c'], 4, True)
+>>> vectors = emb.encode(["a b", "c"], normalize_embeddings=True)
+>>> p = tpsurgery.load_embeddings(emb.save(path, ["a b", "c"], embeddings=vectors)).provenance
+>>> p["l2_normalized"], p["encoded_by_save"], p["normalize_embeddings"]
+(True, False, None)
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def provenance(embedder: Any, texts: Sequence[str], embeddings: np.ndarray) -> dict[str, Any]:
-    """What made these embeddings (see the module docstring)."""
+def provenance(embedder: Any, texts: Sequence[str], embeddings: np.ndarray,
+               how: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What made these embeddings (see the module docstring); ``how``: how save got them (``encoded_by_save``,
+    ``normalize_embeddings``)."""
     from .cache import model_fingerprint, tokenizer_fingerprint
 
     param = next(embedder.model.parameters())
@@ -67,7 +75,7 @@ def provenance(embedder: Any, texts: Sequence[str], embeddings: np.ndarray) -> d
         "tokenizer_fingerprint": tokenizer_fingerprint(embedder.tokenizer), "backend": embedder.backend.name,
         "device": param.device.type, "dtype": str(param.dtype).removeprefix("torch."),
         "n": int(embeddings.shape[0]), "dim": int(embeddings.shape[-1]),
-        "l2_normalized": bool(np.allclose(norms, 1.0, atol=1e-4)),
+        "l2_normalized": bool(np.allclose(norms, 1.0, atol=1e-4)), **(how or {}),
         "texts_sha256": texts_sha256(texts), "versions": versions(),
     }
 
@@ -89,7 +97,7 @@ class SavedEmbeddings:
 
 
 def save_embeddings(path: str | os.PathLike, embedder: Any, texts: Sequence[str], embeddings: Any,
-                    store_texts: bool = True) -> Path:
+                    store_texts: bool = True, how: dict[str, Any] | None = None) -> Path:
     """Write ``embeddings`` of ``texts`` made by ``embedder`` to ``path`` (``.npz``), atomically."""
     matrix = np.asarray(embeddings, dtype=np.float32)
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -97,7 +105,7 @@ def save_embeddings(path: str | os.PathLike, embedder: Any, texts: Sequence[str]
         matrix = matrix[None]
     if matrix.shape[0] != len(texts):
         raise InputError(None, f"{len(texts)} texts but {matrix.shape[0]} embeddings: they must match row for row")
-    record = provenance(embedder, texts, matrix)
+    record = provenance(embedder, texts, matrix, how)
     arrays = {"embeddings": matrix, "provenance": np.array(json.dumps(record))}
     if store_texts:
         arrays["texts"] = np.array(json.dumps(texts, ensure_ascii=False))
