@@ -31,6 +31,8 @@ def test_quickstart_notebook_runs(tmp_path, smollm2, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = ["".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in c.outputs) for c in code]
+    assert not any("IProgress not found" in s for s in text)  # ipywidgets is in the test extra (issue 24)
+    assert sum(s.count("sweep: 100%") for s in text) <= 1  # a late bar is drawn once (issue 24), or is a widget
     assert "did you mean `exit_layer`?" in text[2] and "did you mean `stop`?" in text[2]  # errors, all at once
     assert "layers 0, 2-27: plain" in text[4] and "texts/s" in text[4]  # explain in layer ranges; stats
     assert "exit hidden_states[" in text[5]  # the sweep's labelled best cell

@@ -273,6 +273,24 @@ def test_an_nnsight_model_that_was_never_dispatched_is_dispatched(llama, llama_f
         tpsurgery.apply(meta, recipe, tokenizer=tok)
 
 
+def test_an_nnsight_transformers_model_is_applied_like_its_model(llama, llama_folder):
+    """docs/backends.md's two routes with nnsight 0.8's TransformersModel (not the deprecated LanguageModel): a model
+    in memory with tokenizer=, and a folder loaded with dispatch=True and its own tokenizer. No warning either way."""
+    import nnsight
+
+    model, tok = llama
+    recipe = f"prompt: '{P}'\ntp: {{start: 1, stop: 2}}\nexit_layer: 3"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        wrapped = nnsight.TransformersModel(model, tokenizer=tok)
+        loaded = nnsight.TransformersModel(str(llama_folder), task="text-generation", dispatch=True)
+    with tpsurgery.apply(model, recipe, tokenizer=tok) as ref:
+        want = ref.encode(["a b", "c"])
+    for lm in (wrapped, loaded):
+        with tpsurgery.apply(lm, recipe) as emb:
+            assert emb.tokenizer is lm.tokenizer and (emb.encode(["a b", "c"]) == want).all()
+
+
 AUX = 'This sentence : "{text}" means in one word:"'
 
 

@@ -53,7 +53,7 @@ def _tokenizer_for(model: Any) -> Any:
 
 
 def _dispatched(envoy: Any) -> Any:
-    """The transformers model inside an nnsight wrapper, its real weights loaded: ``LanguageModel(name)`` without
+    """The transformers model inside an nnsight wrapper, its real weights loaded: ``TransformersModel(name)`` without
     ``dispatch=True`` holds a weightless meta-device skeleton until its first trace, so dispatch it here."""
     if getattr(envoy, "dispatched", True) is False:
         try:
@@ -61,7 +61,7 @@ def _dispatched(envoy: Any) -> Any:
         except Exception as exc:  # noqa: BLE001 - whatever loading raised, say how to load it
             raise ModelError(f"this nnsight {type(envoy).__name__} was never dispatched (its weights are on the meta "
                              f"device) and dispatching it failed ({type(exc).__name__}: {exc}); load it with "
-                             "dispatch=True, e.g. nnsight.LanguageModel(name, dispatch=True)") from exc
+                             "dispatch=True, e.g. nnsight.TransformersModel(name, task='text-generation', dispatch=True)") from exc
     return envoy._module
 
 
@@ -89,7 +89,7 @@ def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) 
             raise ModelError(f"cannot apply a recipe to {type(model).__name__}. Accepted: {ACCEPTED}")
     if _never_loaded(model):
         raise ModelError("the model's weights are on the meta device (never loaded): load them first, e.g. "
-                         "nnsight.LanguageModel(name, dispatch=True) or model.dispatch() for nnsight, or "
+                         "nnsight.TransformersModel(name, task='text-generation', dispatch=True) or model.dispatch() for nnsight, or "
                          "AutoModelForCausalLM.from_pretrained(name)")
     if tokenizer is None:
         tokenizer = _tokenizer_for(model)
