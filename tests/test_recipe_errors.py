@@ -328,3 +328,63 @@ def test_edit_layers_and_heads_beyond_the_model_are_reported_with_the_rest(llama
     problems = dict(info.value.problems)
     assert set(problems) == {"exit_layer", "edits.0.layers", "edits.1.heads"}
     assert "allowed: 0..3" in problems["edits.0.layers"] and "allowed: 0..3" in problems["edits.1.heads"]
+
+
+# --- issue 24: messages that say what the user did ---------------------------------------------------------------
+
+def test_a_missing_recipe_file_is_file_not_found_not_the_list_of_shipped_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from tpsurgery.cli import app
+
+    for path in ("recipes/nothere.yaml", "nothere.yml", str(tmp_path / "mine.yaml"), "sub\\mine.json"):
+        result = CliRunner().invoke(app, ["recipe", "validate", path])
+        assert result.exit_code == 1 and f"file not found: {path}" in result.output, result.output
+        assert "shipped" not in result.output
+    near = CliRunner().invoke(app, ["recipe", "validate", "recipes/prompteol-tpp.yaml"])
+    assert "file not found: recipes/prompteol-tpp.yaml; did you mean the shipped 'prompteol-tp'" in near.output
+    named = CliRunner().invoke(app, ["recipe", "validate", "nothere"])  # a name, not a path: the library's names
+    assert "no recipe file or shipped recipe named 'nothere'" in named.output and "prompteol-tp" in named.output
+    assert tpsurgery.load_recipe("recipes/prompteol-tp.yaml").name == "prompteol-tp"  # the shipped path form stays
+
+
+def test_a_yaml_syntax_error_names_the_file_first_then_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tp: {start: 1, stop: 2\nexit_layer: 3\n")
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.load_recipe(bad)
+    assert info.value.message == (f"{bad}, line 2, column 11: not valid YAML: expected ',' or '}}', but got ':' "
+                                  "(while parsing a flow mapping at line 1, column 5)")
+    assert "<unicode string>" not in str(info.value)
+    with pytest.raises(tpsurgery.RecipeError, match=r"`<recipe>`: line 1, column 9: not valid YAML: .*no tags"):
+        tpsurgery.parse_recipe("prompt: !!python/object:os.system x\n")
+
+
+@pytest.mark.parametrize("tp", [{"strat": 1, "stop": 2}, {"start": 1, "stpo": 2}, {"spans": [{"strat": 1, "stop": 2}]}])
+def test_a_misspelt_tp_key_is_reported_once_where_the_user_wrote_it(tp):
+    """`tp: {strat: 1, stop: 2}` reported `tp.strat` and also `tp.spans.0.start: Field required`, a field the user
+    never wrote (the shorthand's span) and the same mistake twice."""
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe({"tp": tp, "exit_layer": 3})
+    (field, message), = info.value.problems
+    wrote = "tp.spans.0." if "spans" in tp else "tp."  # the unknown key where it is
+    assert field == wrote + next(k for k in (tp["spans"][0] if "spans" in tp else tp) if k not in ("start", "stop"))
+    assert "did you mean" in message
+
+
+def test_a_missing_shorthand_field_is_still_reported():
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe({"tp": {"start": 1}})
+    assert [f for f, _ in info.value.problems] == ["tp.spans.0.stop"]
+
+
+@pytest.mark.parametrize("recipe, got", [
+    ({"name": [1, 2]}, "(got a list of 2 items)"), ({"prompt": {"a": 1}}, "(got a mapping)"),
+    ({"exit_layer": "x" * 70}, "(got a string of 70 characters)"), ({"tp": 3}, "(got 3)"),
+    ({"pooling": None}, "(got None)"), ({"edits": [{"site": "layer_in", "layers": 1, "op": "scale", "factor": []}]},
+                                        "(got a list of 0 items)")])
+def test_every_type_error_says_what_it_got(recipe, got):
+    with pytest.raises(tpsurgery.RecipeError) as info:
+        tpsurgery.parse_recipe(recipe)
+    assert all("(got " in m for _, m in info.value.problems if "should be" in m), info.value.problems
+    assert got in str(info.value)

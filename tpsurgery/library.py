@@ -55,8 +55,24 @@ def shipped_name(name: str) -> str | None:
     return p.name.removesuffix(".yaml")
 
 
+def is_path_like(name: str) -> bool:
+    """A file name rather than a recipe name: it has a folder separator or a recipe file's suffix.
+
+    >>> is_path_like("recipes/nothere.yaml"), is_path_like("mine.yml"), is_path_like("prompteol-tp")
+    (True, True, False)
+    """
+    return "/" in name or "\\" in name or PurePath(name).suffix.lower() in (".yaml", ".yml", ".json")
+
+
 def find_recipe(name: str) -> Path:
-    """Path of a shipped recipe by name (or ``recipes/NAME.yaml``); the error lists the shipped names."""
+    """Path of a shipped recipe by name (or ``recipes/NAME.yaml``). The error for a path that is no file and no
+    shipped recipe says "file not found"; for a name it lists the shipped names.
+
+    >>> find_recipe("recipes/nothere.yaml")
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.RecipeError: recipe field `<recipe>`: file not found: recipes/nothere.yaml
+    """
     stem = shipped_name(name)
     p = RECIPE_DIR / f"{stem}.yaml" if stem else None
     if p is not None and p.is_file():
@@ -64,6 +80,9 @@ def find_recipe(name: str) -> Path:
     names = [q.stem for q in sorted(RECIPE_DIR.glob("*.yaml"))]
     close = difflib.get_close_matches(stem or PurePath(name).stem, names, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    if is_path_like(name):
+        meant = f"; did you mean the shipped {' or '.join(map(repr, close))}?" if close else ""
+        raise RecipeError("<recipe>", f"file not found: {name}{meant}")
     raise RecipeError("<recipe>", f"no recipe file or shipped recipe named {name!r}{hint} (shipped: {', '.join(names)})")
 
 

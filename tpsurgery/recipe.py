@@ -271,23 +271,54 @@ def _own_fields(error: dict) -> list[dict]:
     return [error]
 
 
+def _got(value: Any) -> str:
+    """What a wrong value was, for "(got ...)": a short scalar itself, else its kind.
+
+    >>> _got(3), _got("x" * 80), _got([1, 2]), _got({"a": 1}), _got(None)
+    ('3', 'a string of 80 characters', 'a list of 2 items', 'a mapping', 'None')
+    """
+    if value is None or (isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 60):
+        return repr(value)
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
 def _message(error: dict) -> str:
-    """Pydantic's message plus the offending value when it is a short scalar."""
+    """Pydantic's message plus what the offending value was (every type error says "(got ...)")."""
     msg = error["msg"].removeprefix("Value error, ")
-    value = error.get("input")
-    if error["type"] != "value_error" and isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 60:
-        msg += f" (got {value!r})"
+    if error["type"] not in ("value_error", "missing", "extra_forbidden") and "input" in error:
+        msg += f" (got {_got(error['input'])})"
     return msg
 
 
-def _error_from_validation(exc: ValidationError) -> RecipeError:
-    """One RecipeError listing every problem: unknown keys first (a misspelt key also makes a field look missing),
-    each with the closest allowed key ("did you mean"); the alternatives of a union joined with "or"."""
+def _user_field(field: str, source: Any) -> str:
+    """Where the user wrote a field: ``tp: {start, stop}`` is the one-span shorthand, so pydantic's
+    ``tp.spans.0.start`` is the user's ``tp.start`` (messages keep ``tp.spans.0``, as the plan's do)."""
+    tp = source.get("tp") if isinstance(source, dict) else None
+    if field.startswith("tp.spans.0.") and isinstance(tp, dict) and "spans" not in tp:
+        return "tp." + field.removeprefix("tp.spans.0.")
+    return field
+
+
+def _error_from_validation(exc: ValidationError, source: Any = None) -> RecipeError:
+    """One RecipeError listing every problem: unknown keys first, each with the closest allowed key ("did you
+    mean"); the alternatives of a union joined with "or". A field reported missing because its key was misspelt
+    (``tp: {strat: 1, stop: 2}``: ``tp.spans.0.start``) is left out: the unknown key ``tp.strat`` says it."""
     errors = [own for e in exc.errors() for own in _own_fields(e)]
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")  # stable: otherwise pydantic's order
     by_field: dict[str, list[dict]] = {}
     for e in errors:
         by_field.setdefault(_field_of(e["loc"]), []).append(e)
+    meant = {f.rpartition(".")[0] + "." + close if "." in f else close
+             for f, es in by_field.items() if es[0]["type"] == "extra_forbidden"
+             for close in [_closest_key(es[0]["loc"])] if close}
+    by_field = {f: es for f, es in by_field.items()
+                if not (es[0]["type"] == "missing" and _user_field(f, source) in meant)}
     # a list given to a str-or-list field: the item's error says more than "not a string" of the whole
     fields = [f for f in by_field if not any(g.startswith(f + ".") for g in by_field)]
     problems = []
@@ -300,12 +331,22 @@ def _error_from_validation(exc: ValidationError) -> RecipeError:
     return RecipeError(*problems[0], more=problems[1:])
 
 
+def _allowed_keys(loc: tuple) -> list[str]:
+    model = _model_at(loc[:-1])
+    return list(model.model_fields) + (["start", "stop"] if model is TPSchedule else []) if model else []
+
+
+def _closest_key(loc: tuple) -> str | None:
+    """The allowed key closest to the unknown key at ``loc`` (None: none is close)."""
+    close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(loc), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _unknown_key(loc: tuple) -> str:
     """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``."""
-    model = _model_at(loc[:-1])
-    allowed = list(model.model_fields) + (["start", "stop"] if model is TPSchedule else []) if model else []
-    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-    hint = f"; did you mean `{close[0]}`?" if close else ""
+    allowed = _allowed_keys(loc)
+    close = _closest_key(loc)
+    hint = f"; did you mean `{close}`?" if close else ""
     return f"unknown key{hint} (allowed here: {', '.join(allowed) if allowed else 'see tpsurgery recipe schema'})"
 
 
@@ -401,8 +442,32 @@ def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
                                  "is not allowed: use strings, numbers, booleans, lists and mappings")
 
 
-def parse_recipe(source: str | dict | Recipe) -> Recipe:
-    """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field."""
+def _yaml_error(exc: yaml.YAMLError, origin: str | None) -> str:
+    r"""``FILE, line L, column C: not valid YAML: PROBLEM (CONTEXT at line l, column c)``: where first (the file when
+    known, not PyYAML's ``"<unicode string>"``), then what.
+
+    >>> try:
+    ...     yaml.safe_load("tp: {start: 1, stop: 2\nexit_layer: 3")
+    ... except yaml.YAMLError as exc:
+    ...     print(_yaml_error(exc, "r.yaml"))
+    r.yaml, line 2, column 11: not valid YAML: expected ',' or '}', but got ':' (while parsing a flow mapping at line 1, column 5)
+    """
+    mark = getattr(exc, "problem_mark", None)
+    where = ", ".join(filter(None, [origin, f"line {mark.line + 1}, column {mark.column + 1}" if mark else None]))
+    problem = getattr(exc, "problem", None) or str(exc).replace('in "<unicode string>", ', "")
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and cmark is not None:
+        problem += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    if "tag" in problem:
+        problem += "; only plain YAML is accepted, no tags"
+    return f"{where + ': ' if where else ''}not valid YAML: {problem}"
+
+
+def parse_recipe(source: str | dict | Recipe, *, origin: str | None = None) -> Recipe:
+    """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field;
+    ``origin`` (a file name) starts YAML syntax errors."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, str):
@@ -413,7 +478,7 @@ def parse_recipe(source: str | dict | Recipe) -> Recipe:
         except RecipeError:
             raise
         except yaml.YAMLError as exc:
-            raise RecipeError("<recipe>", f"not valid YAML (only plain YAML is accepted, no tags): {exc}") from None
+            raise RecipeError("<recipe>", _yaml_error(exc, origin)) from None
         except RecursionError:
             raise RecipeError("<recipe>", "the YAML is nested too deeply") from None
         if isinstance(source, dict):
@@ -425,7 +490,7 @@ def parse_recipe(source: str | dict | Recipe) -> Recipe:
     try:
         return Recipe.model_validate(source)
     except ValidationError as exc:
-        raise _error_from_validation(exc) from None
+        raise _error_from_validation(exc, source) from None
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -451,8 +516,10 @@ def read_recipe(path: str | Path) -> Recipe:
         raise RecipeError("<recipe>", f"{p} is empty (an empty file is not the default recipe; write at least one "
                                       "field, e.g. `exit_layer: -1`, or name a shipped recipe)")
     try:
-        recipe = parse_recipe(text)
+        recipe = parse_recipe(text, origin=str(p))
     except RecipeError as exc:
+        if exc.message.startswith(str(p)):  # a YAML syntax error: it starts with the file already
+            raise
         raise RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:]) from None
     return recipe
 
