@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The suite again with EVERY direct dependency (pyproject's `dependencies`, `test` and `eval` extras) at the lowest version
-# pyproject admits, in a second venv (.venv-lowest). The versions are scripts/lowest-constraints.txt, kept equal to
-# pyproject's floors by tests/test_floors.py; their own dependencies resolve to the newest that fit. pyproject's
+# The suite again with EVERY direct dependency (pyproject's `dependencies`, `test` and `eval` extras) at the lowest
+# version pyproject admits, in a second venv (.venv-lowest). The versions are scripts/lowest-constraints.txt, kept
+# equal to pyproject's floors by tests/test_floors.py; their own dependencies resolve to the newest that fit. pyproject's
 # ranges are promises: transformers 5.17 once gave silently wrong embeddings (issue 13) while 5.24 passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
