@@ -181,16 +181,50 @@ def demo(
 INTERRUPTED = "\ninterrupted; embed and eval resume from their finished batches when rerun"
 
 
-def main() -> None:
-    """Entry point: TpsurgeryError becomes one clean line on stderr and exit code 2."""
+def _click_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, abort classes) of plain click and of the click that typer >= 0.29 vendors
+    (``typer._click``, whose exceptions are not click's)."""
     import click
 
+    usage: list[type] = [click.exceptions.ClickException]
+    abort: list[type] = [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.29
+
+        usage.append(vendored.ClickException)
+    except ImportError:
+        pass
+    try:
+        from typer.exceptions import Abort as TyperAbort  # typer >= 0.29
+
+        abort.append(TyperAbort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(abort)
+
+
+def usage_error_line(exc: BaseException) -> str:
+    """One ``error:`` line for a click usage error: the message, and the command whose ``--help`` tells more."""
+    msg = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    msg = " ".join(msg.split())
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", "") else ""
+    return f"error: {msg}{where}"
+
+
+def main() -> None:
+    """Entry point: a usage error or a TpsurgeryError becomes one ``error:`` line on stderr and exit code 2; Ctrl-C
+    one line and exit code 130. Never a traceback for either."""
+    usage, abort = _click_kinds()
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.ClickException as exc:  # usage errors: click's own message and exit code
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except usage as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `tpsurgery` / `tpsurgery eval`: the help, as asked
+            typer.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) is not None else str(exc))
+            sys.exit(0)
+        typer.echo(usage_error_line(exc), err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, *abort):
         typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except TpsurgeryError as exc:

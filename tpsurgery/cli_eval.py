@@ -224,6 +224,8 @@ def sweep(
     if grid:
         found = run_variants(hf_model, as_recipe(recipe), grid, pairs, **kw)
         typer.echo(found.table(), nl=False)
+        k, b = found.best()
+        typer.echo(f"best: {found.labels[k]}, {b} on {found.sweeps[k].task} ({found.sweeps[k].n_pairs} pairs)")
         for k, p in found.write(out_dir).items():
             typer.echo(f"wrote {k}: {p}")
         return
