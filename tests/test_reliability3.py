@@ -126,3 +126,123 @@ def test_heatmap_and_variant_outputs_say_how_many_pairs(tmp_path, monkeypatch):
     top = max((s for res in found.sweeps for row in res.rows for s in row["scores"] if s is not None))
     got = evaluate_sts(tpsurgery.apply(model, best, tokenizer=tok), [pairs])[pairs.name]
     assert got == pytest.approx(top, abs=1e-6)
+
+
+# -------------------------------------------------------------------------- 3. the input is read once, and whole
+def test_stdin_from_a_pipe_gives_one_row_per_line(saved, tmp_path):
+    """`--input /dev/stdin` from a pipe wrote 0 rows, exit 0 (the pipe was counted, then read again: empty)."""
+    lines = [f"sentence number {i}" for i in range(7)]
+    for name in ("-", "/dev/stdin"):
+        out = tmp_path / f"o{len(name)}.npy"
+        done = _cli(*_embed_args(saved, name, out, "--no-resume"), stdin="\n".join(lines) + "\n")
+        assert done.returncode == 0, done.stderr[-3000:]
+        emb = tpsurgery.apply(saved[1], REC, tokenizer=saved[2])
+        np.testing.assert_allclose(np.load(out), emb.encode(lines), rtol=1e-5, atol=1e-6)
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the spooled copy is gone
+
+
+class _Shrinking:
+    """An embedder whose first ``encode`` call truncates (or extends) the input file, as another process might."""
+
+    def __init__(self, emb, path: Path, keep: int | None):
+        self.emb, self.path, self.keep, self.calls = emb, path, keep, 0
+
+    def __getattr__(self, name):
+        return getattr(self.emb, name)
+
+    def encode(self, texts, **kw):
+        if texts:
+            self.calls += 1
+            if self.calls == 1:
+                data = self.path.read_bytes()
+                self.path.write_bytes(data[: self.keep] if self.keep is not None else data + b"more\nlines\n")
+        return self.emb.encode(texts, **kw)
+
+
+@pytest.mark.parametrize("keep", [40, None])
+def test_an_input_that_changes_during_the_run_is_an_error_and_nothing_is_written(saved, tmp_path, keep):
+    """A file that shrank mid-run gave its full row count with the missing rows all zero, exit 0."""
+    from tpsurgery.embed_file import EmbedOptions, embed_file
+
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(f"line {i}\n" for i in range(40)), encoding="utf-8")
+    emb = _Shrinking(tpsurgery.apply(saved[1], REC, tokenizer=saved[2]), inp, keep)
+    with pytest.raises(tpsurgery.InputError, match="changed while it was read.*nothing was written"):
+        embed_file(emb, inp, tmp_path / "o.npy", EmbedOptions(progress=False, chunk_lines=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+# ------------------------------------------------------------------- 4. all-zero embeddings are not silent either
+def test_a_huge_scale_that_zeroes_every_embedding_is_an_error_not_zeros(saved, tmp_path):
+    """scale by 1e30 overflowed the final norm: every embedding exactly 0, exit 0."""
+    rec = {**REC, "exit_layer": -1, "edits": [{"site": "layer_in", "layers": 3, "rows": "last", "op": "scale",
+                                               "factor": 1e30}]}
+    emb = tpsurgery.apply(saved[1], rec, tokenizer=saved[2])
+    with pytest.warns(UserWarning, match=r"not finite or all zero"):
+        out = emb.encode(["a b c", "d e"])
+    assert not np.any(out)  # the case is real: the vectors are all zero
+    (tmp_path / "r.yaml").write_text(json.dumps(rec), encoding="utf-8")
+    (tmp_path / "in.txt").write_text("a b c\nd e\n", encoding="utf-8")
+    done = _cli("embed", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o.npy"), "-r", str(tmp_path / "r.yaml"),
+                "-m", str(saved[0] / "model"), "--no-progress", "--no-resume")
+    assert done.returncode == 2 and "NaN, inf or all zero" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "o.npy").exists()
+
+
+# ----------------------------------------------------------------------- 6. no device or input file is destroyed
+def test_outputs_that_are_not_regular_files_or_the_input_are_refused_before_any_work(saved, tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("one\ntwo\n", encoding="utf-8")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for out, why in ((Path("/dev/null"), "character device"), (fifo, "FIFO"), (inp, "is the input file")):
+        result = CliRunner().invoke(app, _embed_args(saved, inp, out))
+        assert result.exit_code != 0 and why in str(result.exception), (out, result.output, result.exception)
+    assert Path("/dev/null").is_char_device() and fifo.is_fifo() and inp.read_text() == "one\ntwo\n"
+    link = tmp_path / "link.npy"  # a symlink output is replaced by the file; its target is left alone
+    target = tmp_path / "target.npy"
+    target.write_bytes(b"keep")
+    link.symlink_to(target)
+    assert CliRunner().invoke(app, _embed_args(saved, inp, link)).exit_code == 0
+    assert not link.is_symlink() and np.load(link).shape == (2, 32) and target.read_bytes() == b"keep"
+    for flag in ("--output", "--markdown"):  # eval's outputs too
+        result = CliRunner().invoke(app, ["eval", "sts", "-r", "prompteol", flag, "/dev/null", "-d", str(tmp_path)])
+        assert "character device" in str(result.exception), result.output
+
+
+# ---------------------------------------------------------------------- 10. no hang, no unbounded read
+@pytest.mark.parametrize("what", ["recipe", "input"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_devices_and_fifos_as_recipe_or_input_are_refused_without_reading(saved, tmp_path, what, kind):
+    import resource
+
+    path = tmp_path / "fifo" if kind == "fifo" else Path(kind)
+    if kind == "fifo":
+        os.mkfifo(path)
+    inp = tmp_path / "in.txt"
+    inp.write_text("one\n", encoding="utf-8")
+    args = ["-i", str(path if what == "input" else inp), "-o", str(tmp_path / "o.npy"),
+            "-r", str(path if what == "recipe" else saved[0] / "r.yaml"), "-m", str(saved[0] / "model"), "--no-progress"]
+    limit = 6 << 30  # /dev/zero read to the end would run into this, not into the machine's memory
+
+    def bounded():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-c", "from tpsurgery.cli import main; main()", "embed", *args],
+                          capture_output=True, text=True, timeout=120, preexec_fn=bounded, stdin=subprocess.DEVNULL)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and "not a regular file" in err[0], done.stderr[-2000:]
+    if what == "recipe":
+        with pytest.raises(tpsurgery.RecipeError, match="not a regular file"):
+            tpsurgery.load_recipe(path)
+
+
+# ------------------------------------------------------------- 8. usage errors: one line, exit 2, no traceback
+@pytest.mark.parametrize("args", [["--bogus"], ["embed", "-i", "x"], ["embed", "-i", "x", "-o", "y", "-r", "z",
+                                                                         "--batch-size", "abc"],
+                                  ["eval", "sts", "--nope"], ["recipe", "validate"]])
+def test_usage_errors_are_one_error_line_and_exit_2(args):
+    done = _cli(*args)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "--help" in err[0]

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import TpsurgeryError
+from .errors import InputError, TpsurgeryError
 
 app = typer.Typer(help="Training-free surgery that turns decoder LLMs into sentence embedders.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -90,7 +90,7 @@ def recipes_list() -> None:
 @app.command()
 def embed(
     input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one sentence per line ('\\n'-separated; "
-                               "one output row per line)"),
+                               "one output row per line); - reads standard input"),
     output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [lines, d])"),
     recipe: str = RECIPE_OPT,
     model: str = MODEL_OPT,
@@ -107,11 +107,15 @@ def embed(
     from .api import apply, resolve_model
     from .distributed import embed_shards, process_group, rank_device, world_from_env
     from .embed_file import EmbedOptions, embed_file
-    from .textio import check_output, count_lines
+    from .textio import check_output, check_regular, count_lines, is_stdin
 
     world = world_from_env()  # torchrun: each rank embeds its shard, rank 0 merges (docs/scale-out.md)
-    count_lines(input)  # unreadable input or output: one error line before the model is loaded
-    check_output(output)
+    check_output(output, input)  # unreadable input or output: one error line before the model is loaded
+    if is_stdin(input):
+        if world.size > 1:
+            raise InputError(None, "--input - (standard input) cannot be sharded under torchrun; give a file")
+    else:
+        count_lines(check_regular(input))
     with quiet(not progress):
         hf_model, tok, _ = resolve_model(model, device=rank_device(device, world))
     emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume))

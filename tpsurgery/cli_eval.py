@@ -95,7 +95,12 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
     from .distributed import ShardedEncoder, process_group, rank_device, world_from_env
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
+    from .textio import check_output
+
     world = world_from_env()  # torchrun: each rank embeds a share of every encode call; rank 0 reports
+    for path, what in ((output, "--output"), (markdown, "--markdown")):
+        if path is not None:
+            check_output(path, what=what)  # a device or folder is refused before any work
     dirs = data_dirs(data, hub)
     names = _split_tasks(tasks, kind)
     with quiet(not progress):

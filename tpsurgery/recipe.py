@@ -435,16 +435,15 @@ def read_recipe(path: str | Path) -> Recipe:
     >>> read_recipe(Path(__file__).parent / "recipes" / "prompteol-tp.yaml").tp.spans[0].stop
     8
     """
+    from .errors import InputError
+    from .textio import read_bounded
+
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise RecipeError("<recipe>", f"cannot read {p}: {exc}") from None
-    if size > MAX_RECIPE_BYTES:
-        raise RecipeError("<recipe>", f"{p} is larger than {MAX_RECIPE_BYTES} bytes")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # a regular file, read with a bound (a device or FIFO is refused, /dev/zero never read to the end)
+        text = read_bounded(p, MAX_RECIPE_BYTES, "recipe").decode("utf-8")
+    except InputError as exc:
+        raise RecipeError("<recipe>", str(exc)) from None
+    except UnicodeDecodeError as exc:
         raise RecipeError("<recipe>", f"cannot read {p} as UTF-8 text: {exc}") from None
     if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
         raise RecipeError("<recipe>", f"{p} is empty (an empty file is not the default recipe; write at least one "
