@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -246,3 +247,71 @@ def test_usage_errors_are_one_error_line_and_exit_2(args):
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr and "--help" in err[0]
+
+
+# ------------------------------------------------------------------- 2. GGUF conversions keyed by the content
+def _fake_gguf_loader(calls):
+    """transformers' GGUF loading stood in for by a tiny model derived from the file's bytes (no tiny GGUF writer
+    exists); everything around it (keying, checksums, folders) is tpsurgery's real code."""
+    import hashlib
+
+    def load(path, dtype):
+        calls.append(path)
+        seed = int(hashlib.sha256(Path(path).read_bytes()).hexdigest()[:6], 16) % 10_000
+        return tiny_model("llama", seed=seed)
+
+    return load
+
+
+def test_a_different_gguf_with_the_same_name_is_converted_on_its_own(tmp_path, monkeypatch):
+    """A GGUF with 73 flipped bytes and the same file name reused the first one's converted weights."""
+    import tpsurgery.models as M
+
+    calls = []
+    monkeypatch.setattr(M, "_load_gguf", _fake_gguf_loader(calls))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    first.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    second.write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 4)
+    weights = [M.load_model(p)[0].model.embed_tokens.weight.detach().clone() for p in (first, second, first)]
+    assert len(calls) == 2  # the first file's conversion is reused, the second file converted on its own
+    assert not torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    data = bytearray(first.read_bytes())
+    data[100:173] = bytes(b ^ 0xFF for b in data[100:173])  # the same file, 73 bytes changed in place
+    first.write_bytes(bytes(data))
+    changed = M.load_model(first)[0].model.embed_tokens.weight
+    assert len(calls) == 3 and not torch.equal(changed, weights[0])
+
+
+# ------------------------------------------------- 7. every folder weights / embeddings are read from is checked
+@pytest.mark.parametrize("where", ["cache", "models", "converted", "file", "embeddings-parent", "sweeps"])
+def test_folders_others_may_write_to_are_refused_wherever_weights_or_embeddings_are_read(tmp_path, monkeypatch,
+                                                                                        where):
+    import tpsurgery.models as M
+    from tpsurgery.cache import EmbeddingCache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TPSURGERY_CACHE", str(cache))
+    monkeypatch.delenv("TPSURGERY_EMBEDDING_CACHE", raising=False)
+    monkeypatch.setattr(M, "_load_gguf", _fake_gguf_loader([]))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    M.load_model(gguf)  # converted once, private
+    EmbeddingCache(cache / "sub" / "embeddings")
+    converted = next(p for p in (cache / "models").iterdir() if p.is_dir())
+    open_one = {"cache": cache, "models": cache / "models", "converted": converted,
+                "file": converted / "model.safetensors", "embeddings-parent": cache / "sub",
+                "sweeps": cache / "sweeps"}[where]
+    open_one.mkdir(exist_ok=True) if where == "sweeps" else None
+    os.chmod(open_one, 0o777 if open_one.is_dir() else 0o666)
+    with pytest.raises(tpsurgery.ModelError, match="writable by every user"):
+        if where in ("embeddings-parent",):
+            EmbeddingCache(cache / "sub" / "embeddings")
+        elif where == "sweeps":
+            from tpsurgery.sweep_store import resolve_auto_exit
+
+            model, tok = tiny_model("llama")
+            resolve_auto_exit(model, tpsurgery.parse_recipe(PROMPT + "exit_layer: auto"))
+        else:
+            M.load_model(gguf)

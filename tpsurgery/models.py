@@ -56,13 +56,65 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 CHECKSUMS = "tpsurgery-checksums.json"
 
 
+SOURCES = ".gguf-digests.json"
+
+
+def source_digest(gguf: Path) -> str:
+    """SHA-256 of a GGUF file's bytes, remembered in ``<cache>/models/.gguf-digests.json`` under its path and
+    ``stat`` (device, inode, size, mtime and ctime: any write to the file changes ctime, which no user can set back),
+    so an unchanged file is hashed once."""
+    import json
+
+    from .textio import atomic_write
+
+    st = os.stat(gguf)
+    key, ident = str(gguf.resolve()), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    memo_path = cache_dir() / "models" / SOURCES
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(key)
+    if isinstance(hit, dict) and hit.get("stat") == ident and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    digest = _sha256(gguf)
+    memo[key] = {"stat": ident, "sha256": digest}
+    try:
+        make_dirs(memo_path.parent)
+        os.chmod(atomic_write(memo_path, json.dumps(memo, indent=1) + "\n"), 0o644)
+    except OSError:
+        pass  # an unwritable cache: hashed again next time
+    return digest
+
+
+def check_cache_tree(folder: Path) -> None:
+    """:func:`check_cache_dir` on ``folder`` and on every folder above it up to the cache root (when it lies in
+    the cache): whoever may write to any of them can replace what is read from ``folder``."""
+    folder, root = Path(folder), cache_dir()
+    chain = [folder]
+    try:
+        rel = folder.relative_to(root)
+        chain = [root, *(root.joinpath(*rel.parts[: i + 1]) for i in range(len(rel.parts)))]
+    except ValueError:
+        pass
+    for f in chain:
+        check_cache_dir(f)
+
+
 def _converted_copy(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically). A copy whose
-    weights no longer match the checksums recorded at conversion (truncated, garbled) is converted again."""
+    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically), keyed by the
+    GGUF's content (a different file with the same name is converted on its own). A copy whose weights no longer
+    match the checksums recorded at conversion (truncated, garbled) is converted again. The cache, its ``models``
+    folder and the converted folder must be the user's own and not writable by others."""
     import warnings
 
-    check_cache_dir(cache_dir())
-    target = cache_dir() / "models" / gguf.stem
+    check_cache_tree(cache_dir() / "models")
+    target = cache_dir() / "models" / f"{gguf.stem}.{source_digest(gguf)[:16]}"
+    check_cache_tree(target)
+    for f in target.iterdir() if target.is_dir() else ():
+        check_cache_dir(f)  # a weight file or the checksums others may rewrite
     if (target / "config.json").exists():
         if not (target / CHECKSUMS).exists():  # converted by tpsurgery < 0.1 (atomically): recorded on first use
             try:

@@ -60,11 +60,10 @@ def pairs_digest(pairs: Any) -> str:
 
 def _stored_sweeps(fingerprint: str, recipe: Recipe) -> list[Path]:
     """The stored sweeps of ``recipe``, the one ``auto`` reads first: most pairs, then newest."""
-    from .models import check_cache_dir
+    from .models import check_cache_tree
 
     folder = sweep_folder(fingerprint, recipe)
-    for f in (cache_dir(), cache_dir() / "sweeps", folder.parent, folder):
-        check_cache_dir(f)
+    check_cache_tree(folder)  # another user who may write there could choose our exit layer
     found = []
     for p in folder.glob("*.json") if folder.is_dir() else ():
         try:
