@@ -315,3 +315,160 @@ def test_folders_others_may_write_to_are_refused_wherever_weights_or_embeddings_
             resolve_auto_exit(model, tpsurgery.parse_recipe(PROMPT + "exit_layer: auto"))
         else:
             M.load_model(gguf)
+
+
+# ----------------------------------------------------------------------------------- 9. no raw traceback
+def test_a_seed_beyond_64_bits_is_a_validation_error():
+    """`recipe validate` said ok; encoding then failed with a raw RuntimeError from torch.manual_seed."""
+    for rec in ({"prompt": "<PST> {text}", "placeholder": {"init": "gaussian", "seed": 2**64}},
+                {"prompt": "<PST> {text}", "edits": [{"site": "layer_in", "layers": 1, "op": "write",
+                                                      "value": "gaussian", "seed": -(2**63) - 1}]}):
+        with pytest.raises(tpsurgery.RecipeError, match=r"seed.*must fit in 64 bits"):
+            tpsurgery.parse_recipe(rec)
+    model, tok = tiny_model("llama")
+    edge = {"prompt": "<PST> {text}", "placeholder": {"init": "gaussian", "seed": 2**64 - 1}}
+    assert np.isfinite(tpsurgery.apply(model, edge, tokenizer=tok).encode(["a b"])).all()  # the edge is usable
+
+
+def test_a_malicious_pickle_in_a_model_folder_is_one_model_error(tmp_path):
+    """torch blocks the pickle (weights_only), but its UnpicklingError reached the user as a traceback."""
+    import pickle
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    tok.save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(tpsurgery.ModelError, match="cannot load model"):
+        tpsurgery.load_model(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("version", ["not-a-version", "6.0.0.dev0", "6.0rc1"])
+def test_versions_that_are_not_pep440_or_prereleases_of_the_excluded_one_are_refused(version, monkeypatch):
+    from tpsurgery import versions
+
+    with pytest.raises(tpsurgery.ModelError, match=f"transformers {version} is installed.*TPSURGERY_UNVERIFIED"):
+        versions.check_versions({"transformers": version, "nnsight": "0.8.1"})
+    monkeypatch.setenv("TPSURGERY_UNVERIFIED_VERSIONS", "1")  # the override: a warning instead
+    with pytest.warns(UserWarning, match="running anyway"):
+        versions.check_versions({"transformers": version, "nnsight": "0.8.1"})
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(saved, tmp_path):
+    """A Ctrl-C while torch was still importing printed a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    (tmp_path / "in.txt").write_text("one\n", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-c", "from tpsurgery.cli import main; main()",
+                             *_embed_args(saved, tmp_path / "in.txt", tmp_path / "o.npy")],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    time.sleep(1.5)  # well inside start-up: torch, transformers and the model load take seconds
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err and lines == [lines[0]], err[-3000:]
+    assert lines[0].startswith("interrupted")
+
+
+def test_a_malformed_expected_file_is_exit_2_naming_the_entry_and_a_hash_mismatch_shows_both(tmp_path):
+    """`regress` with {"expected": {"r": {"score": ...}}}: KeyError 'scores', rc 1 (the code of a real regression)."""
+    from tpsurgery.evaluation import write_results
+
+    results = write_results(tmp_path / "r.json", [{"recipe": {"name": "r", "hash": "h1"}, "scores": {"t": 70.0}}])
+    for body, fragment in (({"expected": {"r": {"score": {"t": 70}}}}, 'expected.r: needs "scores"'),
+                           ({"expected": {"r": {"scores": {"t": "70"}}}}, "expected.r.scores.t: a number"),
+                           ({"tol": "x", "expected": {}}, "tol must be a number")):
+        (tmp_path / "e.json").write_text(json.dumps(body))
+        done = _cli("regress", str(results), str(tmp_path / "e.json"))
+        assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
+    (tmp_path / "e.json").write_text(json.dumps({"expected": {"r": {"scores": {"t": 60.0}, "recipe_hash": "h0"}}}))
+    done = _cli("regress", str(results), str(tmp_path / "e.json"))
+    assert done.returncode == 1 and "h1" in done.stdout and "h0" in done.stdout, done.stdout
+    assert "improved" in done.stdout  # the recipe's score check is not hidden by the mismatch
+
+
+# --------------------------------------------------------------------- 24.6 regress --write-expected; the doc's CI
+def test_regress_write_expected_pins_the_results(tmp_path):
+    from tpsurgery.evaluation import write_results
+
+    results = write_results(tmp_path / "r.json", [{"recipe": {"name": "r", "hash": "h1"}, "scores": {"t": 70.0}}])
+    done = _cli("regress", str(results), str(tmp_path / "e.json"), "--write-expected", "--tol", "0.3", "--with-hash")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["tol"] == 0.3 and doc["expected"]["r"] == {"scores": {"t": 70.0}, "model": None, "recipe_hash": "h1"}
+    assert _cli("regress", str(results), str(tmp_path / "e.json")).returncode == 0
+    done = _cli("regress", str(results), str(results), "--write-expected")  # never over the results themselves
+    assert done.returncode == 2 and "is the input file" in done.stderr
+
+
+def _doc_block(path: Path, heading: str) -> list[str]:
+    """The command lines of the first fenced block after ``heading`` in a markdown file."""
+    text = path.read_text(encoding="utf-8")
+    block = text[text.index(heading):].split("```", 2)[1]
+    return [line for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SAMPLES.parent / "senteval").is_dir(), reason="no SentEval data")
+def test_the_ci_recipe_in_docs_evaluation_md_runs_as_written(tmp_path):
+    """docs/evaluation.md's regression recipe, run line by line in a shell, `tpsurgery` being this checkout's CLI."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+    lines = _doc_block(docs, "## Regression checks")
+    assert any("--write-expected" in line for line in lines) and any(line.startswith("tpsurgery regress") and
+                                                                      "--write-expected" not in line for line in lines)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tpsurgery").write_text(f"#!/bin/sh\nexec {sys.executable} -c 'from tpsurgery.cli import main; "
+                                       "main()' \"$@\"\n")
+    os.chmod(bin_dir / "tpsurgery", 0o755)
+    (tmp_path / "data").symlink_to(SAMPLES.parent / "senteval")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for line in lines:
+        done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    doc = json.loads((tmp_path / "expected.json").read_text())
+    doc["expected"] = {k: {**v, "scores": {t: s + 5 for t, s in v["scores"].items()}} for k, v in doc["expected"].items()}
+    (tmp_path / "expected.json").write_text(json.dumps(doc))  # a drop of 5 points must fail the last line
+    done = subprocess.run(lines[-1], shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1 and "regressed" in done.stdout, done.stdout
+
+
+# ------------------------------------------------------------------------------------------------ 13. smaller
+def test_an_error_names_the_input_line_not_the_index_in_its_chunk(saved, tmp_path):
+    from tpsurgery.embed_file import EmbedOptions, embed_file
+
+    inp = tmp_path / "in.txt"
+    inp.write_text("a b\nc d\ne f\n\ng h\n", encoding="utf-8")  # line 4 is empty: mean pooling has nothing to pool
+    emb = tpsurgery.apply(saved[1], {**REC, "pooling": "mean"}, tokenizer=saved[2])
+    with pytest.raises(tpsurgery.InputError, match=r"--input line 4: .*mean pooling"):
+        embed_file(emb, inp, tmp_path / "o.npy", EmbedOptions(progress=False, chunk_lines=2))
+
+
+def test_sigterm_removes_the_reserved_temporary_file(saved, tmp_path):
+    import signal
+    import time
+
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(f"line {i} " + "z " * (i % 7) for i in range(20000)), encoding="utf-8")
+    out = tmp_path / "out" / "o.npy"
+    proc = subprocess.Popen([sys.executable, "-c", "from tpsurgery.cli import main; main()",
+                             *_embed_args(saved, inp, out, "--no-resume")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list((tmp_path / "out").glob(".o.npy.*.tmp")):
+        time.sleep(0.05)
+    assert list((tmp_path / "out").glob(".o.npy.*.tmp")), "the run never reserved its output"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert list((tmp_path / "out").iterdir()) == []

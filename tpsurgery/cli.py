@@ -219,6 +219,13 @@ def usage_error_line(exc: BaseException) -> str:
 def main() -> None:
     """Entry point: a usage error or a TpsurgeryError becomes one ``error:`` line on stderr and exit code 2; Ctrl-C
     one line and exit code 130. Never a traceback for either."""
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:  # SIGTERM: unwind, so temporary files are removed
+        raise SystemExit(128 + signum)
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, terminated)
     usage, abort = _click_kinds()
     try:
         code = app(standalone_mode=False)

