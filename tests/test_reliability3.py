@@ -59,6 +59,7 @@ def _cli(*args, stdin=None, env=None, timeout=300):
 
 
 # ---------------------------------------------------------------------------------- 1. best.yaml = the best cell
+@pytest.mark.reliability(item=1, before='silent wrong', now='correct')
 @needs_samples
 @pytest.mark.parametrize("family,seed", [("qwen2", 5), ("llama", 3)])
 def test_best_yaml_recreates_every_cell_and_the_best_exactly(family, seed, tmp_path):
@@ -82,6 +83,7 @@ def test_best_yaml_recreates_every_cell_and_the_best_exactly(family, seed, tmp_p
 
 
 # --------------------------------------------------------------- 5. stored sweeps keyed by data; sample size shown
+@pytest.mark.reliability(item=5, before='silent wrong', now='correct')
 @needs_samples
 def test_a_limited_sweep_never_replaces_the_full_data_sweep_that_auto_reads(tmp_path):
     from tpsurgery.sweep import run_sweep
@@ -101,6 +103,7 @@ def test_a_limited_sweep_never_replaces_the_full_data_sweep_that_auto_reads(tmp_
     assert resolve_auto_exit(model, recipe) == want  # the full-data sweep still decides
 
 
+@pytest.mark.reliability(item=5, before='silent wrong', now='correct')
 @needs_samples
 def test_heatmap_and_variant_outputs_say_how_many_pairs(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
@@ -130,6 +133,7 @@ def test_heatmap_and_variant_outputs_say_how_many_pairs(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------- 3. the input is read once, and whole
+@pytest.mark.reliability(item=3, before='silent wrong', now='correct')
 def test_stdin_from_a_pipe_gives_one_row_per_line(saved, tmp_path):
     """`--input /dev/stdin` from a pipe wrote 0 rows, exit 0 (the pipe was counted, then read again: empty)."""
     lines = [f"sentence number {i}" for i in range(7)]
@@ -160,6 +164,7 @@ class _Shrinking:
         return self.emb.encode(texts, **kw)
 
 
+@pytest.mark.reliability(item=3, before='silent wrong', now='clear error')
 @pytest.mark.parametrize("keep", [40, None])
 def test_an_input_that_changes_during_the_run_is_an_error_and_nothing_is_written(saved, tmp_path, keep):
     """A file that shrank mid-run gave its full row count with the missing rows all zero, exit 0."""
@@ -174,6 +179,7 @@ def test_an_input_that_changes_during_the_run_is_an_error_and_nothing_is_written
 
 
 # ------------------------------------------------------------------- 4. all-zero embeddings are not silent either
+@pytest.mark.reliability(item=4, before='silent wrong', now='clear error')
 def test_a_huge_scale_that_zeroes_every_embedding_is_an_error_not_zeros(saved, tmp_path):
     """scale by 1e30 overflowed the final norm: every embedding exactly 0, exit 0."""
     rec = {**REC, "exit_layer": -1, "edits": [{"site": "layer_in", "layers": 3, "rows": "last", "op": "scale",
@@ -191,6 +197,7 @@ def test_a_huge_scale_that_zeroes_every_embedding_is_an_error_not_zeros(saved, t
 
 
 # ----------------------------------------------------------------------- 6. no device or input file is destroyed
+@pytest.mark.reliability(item=6, before='data lost', now='clear error')
 def test_outputs_that_are_not_regular_files_or_the_input_are_refused_before_any_work(saved, tmp_path):
     inp = tmp_path / "in.txt"
     inp.write_text("one\ntwo\n", encoding="utf-8")
@@ -212,6 +219,7 @@ def test_outputs_that_are_not_regular_files_or_the_input_are_refused_before_any_
 
 
 # ---------------------------------------------------------------------- 10. no hang, no unbounded read
+@pytest.mark.reliability(item=10, before='hang', now='clear error')
 @pytest.mark.parametrize("what", ["recipe", "input"])
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
 def test_devices_and_fifos_as_recipe_or_input_are_refused_without_reading(saved, tmp_path, what, kind):
@@ -239,6 +247,7 @@ def test_devices_and_fifos_as_recipe_or_input_are_refused_without_reading(saved,
 
 
 # ------------------------------------------------------------- 8. usage errors: one line, exit 2, no traceback
+@pytest.mark.reliability(item=8, before='raw traceback', now='clear error')
 @pytest.mark.parametrize("args", [["--bogus"], ["embed", "-i", "x"], ["embed", "-i", "x", "-o", "y", "-r", "z",
                                                                          "--batch-size", "abc"],
                                   ["eval", "sts", "--nope"], ["recipe", "validate"]])
@@ -263,6 +272,7 @@ def _fake_gguf_loader(calls):
     return load
 
 
+@pytest.mark.reliability(item=2, before='silent wrong', now='correct')
 def test_a_different_gguf_with_the_same_name_is_converted_on_its_own(tmp_path, monkeypatch):
     """A GGUF with 73 flipped bytes and the same file name reused the first one's converted weights."""
     import tpsurgery.models as M
@@ -285,6 +295,7 @@ def test_a_different_gguf_with_the_same_name_is_converted_on_its_own(tmp_path, m
 
 
 # ------------------------------------------------- 7. every folder weights / embeddings are read from is checked
+@pytest.mark.reliability(item=7, before='unsafe', now='clear error')
 @pytest.mark.parametrize("where", ["cache", "models", "converted", "file", "embeddings-parent", "sweeps"])
 def test_folders_others_may_write_to_are_refused_wherever_weights_or_embeddings_are_read(tmp_path, monkeypatch,
                                                                                         where):
@@ -318,6 +329,7 @@ def test_folders_others_may_write_to_are_refused_wherever_weights_or_embeddings_
 
 
 # ----------------------------------------------------------------------------------- 9. no raw traceback
+@pytest.mark.reliability(item=9, before='raw traceback', now='clear error')
 def test_a_seed_beyond_64_bits_is_a_validation_error():
     """`recipe validate` said ok; encoding then failed with a raw RuntimeError from torch.manual_seed."""
     for rec in ({"prompt": "<PST> {text}", "placeholder": {"init": "gaussian", "seed": 2**64}},
@@ -330,6 +342,7 @@ def test_a_seed_beyond_64_bits_is_a_validation_error():
     assert np.isfinite(tpsurgery.apply(model, edge, tokenizer=tok).encode(["a b"])).all()  # the edge is usable
 
 
+@pytest.mark.reliability(item=9, before='raw traceback', now='clear error')
 def test_a_malicious_pickle_in_a_model_folder_is_one_model_error(tmp_path):
     """torch blocks the pickle (weights_only), but its UnpicklingError reached the user as a traceback."""
     import pickle
@@ -351,6 +364,7 @@ def test_a_malicious_pickle_in_a_model_folder_is_one_model_error(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.reliability(item=9, before='raw traceback', now='clear error')
 @pytest.mark.parametrize("version", ["not-a-version", "6.0.0.dev0", "6.0rc1"])
 def test_versions_that_are_not_pep440_or_prereleases_of_the_excluded_one_are_refused(version, monkeypatch):
     from tpsurgery import versions
@@ -362,6 +376,7 @@ def test_versions_that_are_not_pep440_or_prereleases_of_the_excluded_one_are_ref
         versions.check_versions({"transformers": version, "nnsight": "0.8.1"})
 
 
+@pytest.mark.reliability(item=9, before='raw traceback', now='clear error')
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(saved, tmp_path):
     """A Ctrl-C while torch was still importing printed a KeyboardInterrupt traceback."""
     import signal
@@ -379,6 +394,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(saved, tmp_path):
     assert lines[0].startswith("interrupted")
 
 
+@pytest.mark.reliability(item=9, before='raw traceback', now='clear error')
 def test_a_malformed_expected_file_is_exit_2_naming_the_entry_and_a_hash_mismatch_shows_both(tmp_path):
     """`regress` with {"expected": {"r": {"score": ...}}}: KeyError 'scores', rc 1 (the code of a real regression)."""
     from tpsurgery.evaluation import write_results
@@ -397,6 +413,7 @@ def test_a_malformed_expected_file_is_exit_2_naming_the_entry_and_a_hash_mismatc
 
 
 # --------------------------------------------------------------------- 24.6 regress --write-expected; the doc's CI
+@pytest.mark.reliability(item='24.6', before='missing', now='correct')
 def test_regress_write_expected_pins_the_results(tmp_path):
     from tpsurgery.evaluation import write_results
 
@@ -417,6 +434,7 @@ def _doc_block(path: Path, heading: str) -> list[str]:
     return [line for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")]
 
 
+@pytest.mark.reliability(item='24.6', before='missing', now='correct')
 @pytest.mark.slow
 @pytest.mark.skipif(not (SAMPLES.parent / "senteval").is_dir(), reason="no SentEval data")
 def test_the_ci_recipe_in_docs_evaluation_md_runs_as_written(tmp_path):
@@ -444,6 +462,7 @@ def test_the_ci_recipe_in_docs_evaluation_md_runs_as_written(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 13. smaller
+@pytest.mark.reliability(item=13, before='silent wrong', now='clear error')
 def test_an_error_names_the_input_line_not_the_index_in_its_chunk(saved, tmp_path):
     from tpsurgery.embed_file import EmbedOptions, embed_file
 
@@ -454,6 +473,7 @@ def test_an_error_names_the_input_line_not_the_index_in_its_chunk(saved, tmp_pat
         embed_file(emb, inp, tmp_path / "o.npy", EmbedOptions(progress=False, chunk_lines=2))
 
 
+@pytest.mark.reliability(item=13, before='data lost', now='correct')
 def test_sigterm_removes_the_reserved_temporary_file(saved, tmp_path):
     import signal
     import time
@@ -468,7 +488,59 @@ def test_sigterm_removes_the_reserved_temporary_file(saved, tmp_path):
     while time.monotonic() < deadline and not list((tmp_path / "out").glob(".o.npy.*.tmp")):
         time.sleep(0.05)
     assert list((tmp_path / "out").glob(".o.npy.*.tmp")), "the run never reserved its output"
+    time.sleep(1.0)  # into the embedding
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ----------------------------------------------------------------------- 12. a 1 MB line; a max_length option
+@pytest.mark.reliability(item=12, before="hang", now="correct")
+def test_a_megabyte_line_is_cut_by_characters_first_with_the_same_result(saved):
+    """One 1 MB line took 42 s and 1.3 GB on a tiny model: it is now cut to a prefix that can still matter."""
+    import time
+
+    from tpsurgery.prompts import char_bound
+
+    emb = tpsurgery.apply(saved[1], REC, tokenizer=saved[2], max_length=48)
+    bound = char_bound(saved[2], 48)
+    line = "word " * 200_000
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning, match="truncated to the model's limit of 48 tokens"):
+        big = emb.encode([line])
+    assert time.perf_counter() - t0 < 30
+    with pytest.warns(UserWarning, match="truncated"):
+        same = emb.encode([line[: bound + 7]])  # a line just over the bound: the binary search over all of it
+    np.testing.assert_array_equal(big, same)
+    assert emb.tokenize([line], REC["prompt"], warn=False)[0].ids.__len__() == 48
+    with pytest.raises(tpsurgery.InputError, match="beyond the model's limit"):
+        tpsurgery.apply(saved[1], REC, tokenizer=saved[2], max_length=10**9)
+
+
+# ------------------------------------------------------------- 11. every problem in one round; config, not weights
+@pytest.mark.reliability(item=11, before="missing", now="clear error")
+def test_validate_lists_schema_op_run_and_layer_problems_at_once_from_the_config_alone(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "config-only"
+    shutil.copytree(saved[0] / "model", folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()  # --model reads the config and tokenizer, never the weights
+    n = saved[1].config.num_hidden_layers
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "prompt": 'This : <PST> "{text}" means', "pooling": "bogus", "tp": {"start": 1, "stop": n + 5},
+        "edits": [{"site": "layer_in", "layers": n + 20, "op": "scale"},
+                  {"site": "layer_in", "layers": 1, "rows": "last", "op": "add", "run": "nothere"}]}))
+    result = CliRunner().invoke(app, ["recipe", "validate", str(bad), "-m", str(folder)])
+    assert result.exit_code == 1, result.output
+    for field in ("`pooling`", "`edits.0`", "`edits.1.run`", "`tp.stop`", "`edits.0.layers`"):
+        assert field in result.output, (field, result.output)
+    limit = tpsurgery.apply(saved[1], REC, tokenizer=saved[2]).max_length
+    long = tmp_path / "long.yaml"
+    long.write_text(yaml.safe_dump({"prompt": "word " * (limit + 10) + "{text}"}))
+    result = CliRunner().invoke(app, ["recipe", "validate", str(long), "-m", str(folder)])
+    assert result.exit_code == 1 and "longer than the model's limit" in result.output, result.output
+    ok = CliRunner().invoke(app, ["recipe", "validate", str(saved[0] / "r.yaml"), "-m", str(folder)])
+    assert ok.exit_code == 0 and f"{n} decoder layers" in ok.output, ok.output

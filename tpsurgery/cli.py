@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import InputError, TpsurgeryError
+from .errors import InputError, RecipeError, TpsurgeryError
 
 app = typer.Typer(help="Training-free surgery that turns decoder LLMs into sentence embedders.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -47,7 +47,9 @@ def recipe_validate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="also check layer numbers, placeholder token and "
                                         "markers against this model (HF id or folder, .gguf file, or smollm2-135m)"),
 ) -> None:
-    """Validate recipes (every problem of each, at once); exit code 1 if any is invalid."""
+    """Validate recipes (every problem of each, at once: schema, op parameters, runs, and with --model layer numbers
+    and prompt lengths); exit code 1 if any is invalid. --model reads the model's config and tokenizer, not its
+    weights."""
     from .library import load_recipe
 
     loaded = None
@@ -56,14 +58,24 @@ def recipe_validate(
         try:
             r = load_recipe(f)
             if model is not None:
-                from .api import apply, resolve_model
+                from .api import apply
+                from .models import config_model
 
-                loaded = loaded or resolve_model(model)[:2]
+                loaded = loaded or config_model(model)
                 with apply(loaded[0], r, tokenizer=loaded[1]) as emb:
                     where = f", {model}: {emb.n_layers} decoder layers, reads hidden_states[{emb.plan.exit_layer}]"
             typer.echo(f"ok: {f} [{r.hash()}]" + (where if model is not None else ""))
         except TpsurgeryError as exc:
             bad += 1
+            data = getattr(exc, "data", None)
+            if model is not None and data is not None and isinstance(exc, RecipeError):  # the layers too, same round
+                from .models import config_model
+                from .recipe import layer_problems
+
+                loaded = loaded or config_model(model)
+                seen = {field for field, _ in exc.problems}
+                more = [p for p in layer_problems(data, loaded[0].config.num_hidden_layers) if p[0] not in seen]
+                exc = RecipeError(*exc.problems[0], more=[*exc.problems[1:], *more]) if more else exc
             typer.echo(f"invalid: {f}: {exc}", err=True)
     raise typer.Exit(1 if bad else 0)
 
@@ -100,6 +112,8 @@ def embed(
     max_tokens: Optional[int] = typer.Option(None, help="at most this many (padded) tokens per forward pass "
                                              "(default: batch size x twice the median length)"),
     normalize: bool = typer.Option(False, help="L2-normalize the embeddings"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="at most this many tokens per prompt (longer "
+                                             "lines are cut, with a warning); default: the model's limit"),
     progress: bool = typer.Option(True, help="show progress bars"),
     resume: bool = RESUME_OPT,
 ) -> None:
@@ -118,7 +132,8 @@ def embed(
         count_lines(check_regular(input))
     with quiet(not progress):
         hf_model, tok, _ = resolve_model(model, device=rank_device(device, world))
-    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume))
+    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume),
+                max_length=max_length)
     options = EmbedOptions(batch_size=batch_size, max_tokens=max_tokens, normalize=normalize, progress=progress)
     if world.size == 1:
         report = embed_file(emb, input, output, options)

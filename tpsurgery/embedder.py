@@ -124,7 +124,8 @@ class Embedder:
     """
 
     def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Backend, spec: ArchSpec | None = None,
-                 prefix_cache: bool | None = None, embedding_cache: Any = None, exit_layer: int | None = None):
+                 prefix_cache: bool | None = None, embedding_cache: Any = None, exit_layer: int | None = None,
+                 max_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -142,7 +143,22 @@ class Embedder:
             for k, template in enumerate(recipe.templates):
                 check_markers(tokenizer, template, "prompt" if isinstance(recipe.prompt, str) else f"prompt.{k}")
         self.plan: Plan = self.plan_for(recipe, exit_layer)
-        self.max_length = _max_length(model, tokenizer)
+        self.model_max_length = _max_length(model, tokenizer)
+        self.max_length = self.model_max_length
+        if max_length is not None:  # like sentence-transformers' max_seq_length: at most the model's limit
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise InputError(None, f"max_length must be a positive integer, got {max_length!r}")
+            if self.model_max_length is not None and max_length > self.model_max_length:
+                raise InputError(None, f"max_length {max_length} is beyond the model's limit of "
+                                       f"{self.model_max_length} tokens")
+            self.max_length = max_length
+        if self.max_length is not None:  # a prompt that cannot hold even an empty sentence cannot encode anything
+            for k, template in enumerate(recipe.templates):
+                n = len(self._prompt_ids(template))
+                if n > self.max_length:
+                    raise RecipeError("prompt" if isinstance(recipe.prompt, str) else f"prompt.{k}",
+                                      f"{n} tokens without any sentence: longer than the model's limit of "
+                                      f"{self.max_length} tokens")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None and pad < vocab else 0
         # performance options (docs/performance.md): prompt-prefix KV reuse where exact; on-disk embedding cache
@@ -167,6 +183,11 @@ class Embedder:
         return plan
 
     # -- tokenization -------------------------------------------------------------------------------------------
+    def _prompt_ids(self, template: str) -> list[int]:
+        """The template's tokens with an empty sentence (no limit applied)."""
+        return encode_prompts(self.tokenizer, template, [""], self.placeholder_id, preprocess=False,
+                              max_length=None, compat=self.recipe.compat, warn=False)[0].ids
+
     def tokenize(self, texts: Sequence[str], template: str, warn: bool = True) -> list[Encoded]:
         """Encode texts inside one of the recipe's templates (placeholders spliced in, long texts truncated)."""
         return encode_prompts(
@@ -290,7 +311,8 @@ class Embedder:
 
         device = input_device(self.model, self.spec).type
         key = "/".join([model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer),
-                        plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)])
+                        plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)]
+                       + ([f"max_length={self.max_length}"] if self.max_length != self.model_max_length else []))
         return self.embedding_cache.get(key, unique), key
 
     # -- the building blocks of encode (also of tpsurgery.sharing.encode_schedules) --------------------------------

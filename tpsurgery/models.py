@@ -243,6 +243,49 @@ def check_cache_dir(path: Path) -> None:
                          f"run `chmod o-w {path}` or set TPSURGERY_CACHE to a private folder")
 
 
+def config_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for checking recipes only: the model has the real config's architecture, layer count,
+    vocabulary and position limit but tiny random layers, made from the config without reading any weight (a GGUF is
+    converted once, as :func:`load_model` would). Falls back to :func:`load_model` when the config cannot be shrunk.
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> import tempfile; d = tempfile.mkdtemp(); m, t = tiny_model("llama"); m.save_pretrained(d); t.save_pretrained(d)
+    >>> skeleton, _ = config_model(d)
+    >>> skeleton.config.num_hidden_layers == m.config.num_hidden_layers
+    True
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name == DEFAULT_MODEL:
+        source: Any = _converted_copy(smollm2_gguf_path())
+    elif name.endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise ModelError(f"GGUF file not found: {name}")
+        source = _converted_copy(Path(name).expanduser())
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
+    try:
+        config = AutoConfig.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of model {name!r}: {exc}") from exc
+    heads = getattr(config, "num_attention_heads", None)
+    try:
+        if not isinstance(heads, int) or not hasattr(config, "hidden_size"):
+            raise ValueError("not a config tpsurgery knows how to shrink")
+        config.hidden_size = 4 * heads
+        if getattr(config, "head_dim", None) is not None:
+            config.head_dim = 4
+        if hasattr(config, "intermediate_size"):
+            config.intermediate_size = 8
+        model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, AttributeError, RuntimeError):
+        return load_model(name_or_path)
+    model.eval()
+    return model, tokenizer
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,

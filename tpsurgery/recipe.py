@@ -425,7 +425,65 @@ def parse_recipe(source: str | dict | Recipe) -> Recipe:
     try:
         return Recipe.model_validate(source)
     except ValidationError as exc:
-        raise _error_from_validation(exc) from None
+        err = _error_from_validation(exc)
+        seen = {f for f, _ in err.problems}  # the whole-recipe checks too, read from the raw data: one round
+        more = [p for p in _raw_run_problems(source) if p[0] not in seen]
+        err = RecipeError(*err.problems[0], more=[*err.problems[1:], *more])
+        err.data = source  # for checks against a model (`recipe validate --model`: layer_problems)
+        raise err from None
+
+
+def _raw_run_problems(data: dict) -> list[tuple[str, str]]:
+    """``edits.K.run`` naming no run of ``runs``, from raw recipe data (when other fields did not validate)."""
+    runs = data.get("runs") if isinstance(data.get("runs"), dict) else {}
+    edits = data.get("edits") if isinstance(data.get("edits"), list) else []
+    out = []
+    for k, e in enumerate(edits):
+        run = e.get("run") if isinstance(e, dict) else None
+        if isinstance(run, str) and run not in runs:
+            close = difflib.get_close_matches(run, list(runs), n=1, cutoff=0.6)
+            known = ", ".join(runs) or "none; add a `runs:` section"
+            out.append((f"edits.{k}.run", f"no run named {run!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f" (runs: {known})"))
+    return out
+
+
+def layer_problems(data: Any, n_layers: int) -> list[tuple[str, str]]:
+    """Layer numbers of raw recipe data outside a model with ``n_layers`` decoder layers (``tp`` spans and
+    ``resume``, ``edits.K.layers``, ``exit_layer``): checked even when other fields did not validate.
+
+    >>> layer_problems({"tp": {"start": 1, "stop": 40}, "edits": [{"layers": [2, 31]}], "exit_layer": -40}, 30)
+    [('tp.stop', 'is 40, beyond the model: 30 decoder layers (0-29; stop <= 30)'), ('edits.0.layers', 'layer 31 is beyond the model: 30 decoder layers (0-29)'), ('exit_layer', 'is -40: the model has hidden_states[0..30] (-31..30)')]
+    """
+    def num(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    out: list[tuple[str, str]] = []
+    if not isinstance(data, dict):
+        return out
+    tp = data.get("tp")
+    if isinstance(tp, dict):
+        spans = tp.get("spans") if isinstance(tp.get("spans"), list) else [tp]
+        for k, sp in enumerate(spans):
+            where = "tp" if sp is tp else f"tp.spans.{k}"
+            if isinstance(sp, dict) and num(sp.get("stop")) and sp["stop"] > n_layers:
+                out.append((f"{where}.stop", f"is {sp['stop']}, beyond the model: {n_layers} decoder layers "
+                                             f"(0-{n_layers - 1}; stop <= {n_layers})"))
+        if num(tp.get("resume")) and not 0 <= tp["resume"] < n_layers:
+            out.append(("tp.resume", f"is {tp['resume']}: the model has decoder layers 0-{n_layers - 1}"))
+    for k, e in enumerate(data.get("edits") if isinstance(data.get("edits"), list) else []):
+        layers = e.get("layers") if isinstance(e, dict) else None
+        if isinstance(layers, dict):
+            layers = [layers.get("stop", 0) - 1] if num(layers.get("stop")) else []
+        for layer in layers if isinstance(layers, list) else [layers]:
+            if num(layer) and not 0 <= layer < n_layers:
+                out.append((f"edits.{k}.layers", f"layer {layer} is beyond the model: {n_layers} decoder layers "
+                                                 f"(0-{n_layers - 1})"))
+                break
+    e = data.get("exit_layer")
+    if num(e) and not -(n_layers + 1) <= e <= n_layers:
+        out.append(("exit_layer", f"is {e}: the model has hidden_states[0..{n_layers}] ({-(n_layers + 1)}..{n_layers})"))
+    return out
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -451,7 +509,9 @@ def read_recipe(path: str | Path) -> Recipe:
     try:
         recipe = parse_recipe(text)
     except RecipeError as exc:
-        raise RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:]) from None
+        err = RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:])
+        err.data = getattr(exc, "data", None)
+        raise err from None
     return recipe
 
 

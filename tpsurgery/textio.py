@@ -273,8 +273,10 @@ def check_output(path: str | os.PathLike, input: str | os.PathLike | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = temp_file(path)
-        os.close(fd)
-        tmp.unlink()
+        try:
+            os.close(fd)
+        finally:  # also when a signal lands here
+            tmp.unlink()
     except OSError as exc:
         raise _write_error(path, exc, what) from None
     clean_orphans(path.parent, path.name)
@@ -320,8 +322,9 @@ class NpyWriter:
         self.shape = tuple(shape)
         self.row_bytes = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
         fd, self.tmp = temp_file(self.path)
-        self.file: Any = os.fdopen(fd, "r+b")
+        self.file: Any = None
         try:
+            self.file = os.fdopen(fd, "r+b")
             header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
             np.lib.format.write_array_header_1_0(self.file, header)
             self.offset = self.file.tell()
