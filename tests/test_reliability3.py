@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import random
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -544,3 +545,41 @@ def test_validate_lists_schema_op_run_and_layer_problems_at_once_from_the_config
     assert result.exit_code == 1 and "longer than the model's limit" in result.output, result.output
     ok = CliRunner().invoke(app, ["recipe", "validate", str(saved[0] / "r.yaml"), "-m", str(folder)])
     assert ok.exit_code == 0 and f"{n} decoder layers" in ok.output, ok.output
+
+
+@pytest.mark.reliability(item=13, before="silent wrong", now="correct")
+def test_a_resumed_encode_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
+    """The batches left after an interruption were composed by the remaining texts' median length: 20 of 6,000 rows
+    differed by 7e-9 from a clean run (docs promise bitwise)."""
+    from tpsurgery.cache import EmbeddingCache
+
+    model, tok = tiny_model("llama", seed=4)
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "x"]  # half long, half short: the median moves once long ones are done
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(40, 80) if i % 2 else rng.randint(1, 6)))
+             + f" {i}" for i in range(80)]
+    shapes = []
+
+    def record(module, args, kwargs):  # the [batch, length] of every batch layer 0 runs
+        h = args[0] if args else kwargs["hidden_states"]
+        shapes.append(tuple(h.shape[:2]))
+        if len(shapes) == 4 and stopping:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        stopping = False
+        clean = tpsurgery.apply(model, REC, tokenizer=tok, embedding_cache=EmbeddingCache(tmp_path / "b")).encode(
+            texts, batch_size=6)
+        clean_shapes, shapes[:] = list(shapes), []
+        stopping = True
+        emb = tpsurgery.apply(model, REC, tokenizer=tok, embedding_cache=EmbeddingCache(tmp_path / "a"))
+        with pytest.raises(KeyboardInterrupt):
+            emb.encode(texts, batch_size=6)
+        done, shapes[:], stopping = shapes[:3], [], False
+        resumed = emb.encode(texts, batch_size=6)
+    finally:
+        handle.remove()
+    assert emb.embedding_cache.hits > 0  # the finished batches came from the cache
+    assert done + shapes == clean_shapes  # the batches left are those of the uninterrupted run
+    np.testing.assert_array_equal(resumed, clean)

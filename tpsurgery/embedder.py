@@ -24,7 +24,7 @@ from .backends import Backend
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
-from .batching import Progress, check_budget, token_batches
+from .batching import default_budget, Progress, check_budget, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
@@ -257,7 +257,8 @@ class Embedder:
                 try:
                     if todo:
                         per_template = self.per_template(todo, texts, lambda t, cut: self._encode_unique(
-                            todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store))[0]
+                            todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store,
+                            budget_texts=unique))[0]
                         new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
                         bad = non_finite_rows(new)
                         if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
@@ -332,15 +333,15 @@ class Embedder:
         return out, cut
 
     def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated, max_tokens=None,
-                       on_batch=None) -> torch.Tensor:
+                       on_batch=None, budget_texts=None) -> torch.Tensor:
         d = self.hidden_size
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
         return self.encode_rows(texts, template, batch_size, progress, plan, tail,
                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
-                                max_tokens, on_batch)
+                                max_tokens, on_batch, budget_texts)
 
     def encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
-                    on_batch=None) -> torch.Tensor:
+                    on_batch=None, budget_texts=None) -> torch.Tensor:
         """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts`` in ``template`` (one result
         row of shape ``tail`` per text; prompt-prefix reuse, token budgets and out-of-memory splits as in ``encode``);
         rows back in order. Adds the indices of truncated texts to ``truncated``; ``progress`` advances and
@@ -354,6 +355,12 @@ class Embedder:
         if prefix is not None:
             rows = split_rows(rows, prefix.length)
         run_kw = {"prefix": prefix} if prefix is not None else {}
+        if max_tokens is None and budget_texts is not None and len(budget_texts) != len(texts):
+            # a resumed call (some texts were cached): the token budget of the whole call, so the batches left to run
+            # are composed exactly as in an uninterrupted run (bitwise-identical results), not by what is left
+            cut = prefix.length if prefix is not None else 0
+            max_tokens = default_budget([len(r.ids) - cut for r in self.tokenize(budget_texts, template, warn=False)],
+                                        batch_size)
         buckets = prefix is not None and prefix.needs_buckets(max(len(r.ids) for r in rows))  # sliding windows
         out = torch.empty((len(texts), *tail), dtype=torch.float32)
         oom: dict = {}  # out-of-memory splits: the batch size that fits (tpsurgery.resources)
