@@ -25,13 +25,13 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(recipes_app, name="recipes")
 
 from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
-                       regress, sweep)  # (evaluation commands)
+                       regress, required, sweep)  # (evaluation commands)
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
 app.command()(regress)
 
-RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped recipe name")
+RECIPE_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped recipe name")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -101,9 +101,9 @@ def recipes_list() -> None:
 
 @app.command()
 def embed(
-    input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one sentence per line ('\\n'-separated; "
+    input: Path = typer.Option(..., "--input", "-i", callback=required, help="UTF-8 text file, one sentence per line ('\\n'-separated; "
                                "one output row per line); - reads standard input"),
-    output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [lines, d])"),
+    output: Path = typer.Option(..., "--output", "-o", callback=required, help=".npy file to write (float32 [lines, d])"),
     recipe: str = RECIPE_OPT,
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -23,6 +23,14 @@ DEVICE_OPT = typer.Option(None, "--device", help="torch device to load the model
 BACKEND_OPT = typer.Option("nnsight", "--backend", help="engine: nnsight, or transformer_lens (a TransformerBridge "
                            "around a copy of the model; no prompt-prefix reuse, sweep rows not "
                            "shared)")
+
+
+def required(param: typer.CallbackParam, value: Any) -> Any:
+    """Callback of required options: typer < 0.29 with click >= 8.2 passes a missing one as None instead of failing
+    (then a traceback deep in the command); this makes it click's usage error on every typer."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        raise typer.BadParameter("missing (this option is required)", param=param)
+    return value
 
 
 RESUME_OPT = typer.Option(True, help="store embeddings in the embedding cache as batches finish and reuse them: a "
@@ -127,7 +135,7 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
         typer.echo(f"wrote {_atomic_write_text(markdown, table + chr(10))}", err=True)
 
 
-RECIPES_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped name; repeat for several rows")
+RECIPES_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped name; repeat for several rows")
 DATA_OPT = typer.Option(None, "--data-dir", "-d", help=DATA_HELP)
 LIMIT_OPT = typer.Option(None, help="use only the first N pairs (STS) / lines per split or class (transfer)")
 SPREAD_OPT = typer.Option(False, "--spread", help="with --limit N: N evenly spaced pairs / lines instead of the "
@@ -186,7 +194,7 @@ def eval_transfer(
 
 
 def sweep(
-    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose prompt/placeholder/pooling are swept"),
+    recipe: str = typer.Option(..., "--recipe", "-r", callback=required, help="recipe whose prompt/placeholder/pooling are swept"),
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
     backend: str = BACKEND_OPT,
