@@ -204,7 +204,11 @@ def test_outputs_that_are_not_regular_files_or_the_input_are_refused_before_any_
     inp.write_text("one\ntwo\n", encoding="utf-8")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    from tpsurgery.textio import check_output
+
     for out, why in ((Path("/dev/null"), "character device"), (fifo, "FIFO"), (inp, "is the input file")):
+        with pytest.raises(tpsurgery.InputError, match=why):  # checked alone first: code without the check must
+            check_output(out, inp)                            # not get to replace the machine's /dev/null
         result = CliRunner().invoke(app, _embed_args(saved, inp, out))
         assert result.exit_code != 0 and why in str(result.exception), (out, result.output, result.exception)
     assert Path("/dev/null").is_char_device() and fifo.is_fifo() and inp.read_text() == "one\ntwo\n"
@@ -215,6 +219,7 @@ def test_outputs_that_are_not_regular_files_or_the_input_are_refused_before_any_
     assert CliRunner().invoke(app, _embed_args(saved, inp, link)).exit_code == 0
     assert not link.is_symlink() and np.load(link).shape == (2, 32) and target.read_bytes() == b"keep"
     for flag in ("--output", "--markdown"):  # eval's outputs too
+        assert Path("/dev/null").is_char_device()
         result = CliRunner().invoke(app, ["eval", "sts", "-r", "prompteol", flag, "/dev/null", "-d", str(tmp_path)])
         assert "character device" in str(result.exception), result.output
 

@@ -249,7 +249,7 @@ def config_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Any, 
     converted once, as :func:`load_model` would). Falls back to :func:`load_model` when the config cannot be shrunk.
 
     >>> from tpsurgery.testing import tiny_model
-    >>> import tempfile; d = tempfile.mkdtemp(); m, t = tiny_model("llama"); m.save_pretrained(d); t.save_pretrained(d)
+    >>> import tempfile; d = tempfile.mkdtemp(); m, t = tiny_model("llama"); m.save_pretrained(d); _ = t.save_pretrained(d)
     >>> skeleton, _ = config_model(d)
     >>> skeleton.config.num_hidden_layers == m.config.num_hidden_layers
     True
