@@ -70,6 +70,12 @@ def test_best_yaml_recreates_every_cell_and_the_best_exactly(family, seed, tmp_p
     model, tok = tiny_model(family, n_layers=3, seed=seed)
     pairs = load_stsb([SAMPLES], "test")
     res = run_sweep(model, PROMPT, pairs, stops=[2], starts=[1], tokenizer=tok, progress=False)
+    base = 0  # best.yaml of the baseline row as the best cell must hide the placeholder
+    cells = [list(row["scores"]) for row in res.rows]
+    res.rows[base]["scores"] = [None] + [100.0] * (len(cells[base]) - 1)
+    best = tpsurgery.load_recipe(write_outputs(res, tmp_path / "out")["best"])
+    assert best.placeholder.mask == "all" and best.tp.empty and best.exit_layer == 1
+    res.rows[base]["scores"] = cells[base]
     for r, row in enumerate(res.rows):  # every cell, the baseline row included
         for m, want in enumerate(row["scores"]):
             got = evaluate_sts(tpsurgery.apply(model, res.row_recipe(r, m), tokenizer=tok), [pairs])[pairs.name]
@@ -77,10 +83,6 @@ def test_best_yaml_recreates_every_cell_and_the_best_exactly(family, seed, tmp_p
                 assert np.isnan(got)
             else:
                 assert got == pytest.approx(want, abs=1e-6), (row["label"], m)
-    base = 0  # force the baseline row to be the best: its recipe must hide the placeholder
-    res.rows[base]["scores"] = [None] + [100.0] * (len(res.rows[base]["scores"]) - 1)
-    best = tpsurgery.load_recipe(write_outputs(res, tmp_path / "out")["best"])
-    assert best.placeholder.mask == "all" and best.tp.empty and best.exit_layer == 1
 
 
 # --------------------------------------------------------------- 5. stored sweeps keyed by data; sample size shown
@@ -588,3 +590,16 @@ def test_a_resumed_encode_is_bitwise_identical_to_an_uninterrupted_one(tmp_path)
     assert emb.embedding_cache.hits > 0  # the finished batches came from the cache
     assert done + shapes == clean_shapes  # the batches left are those of the uninterrupted run
     np.testing.assert_array_equal(resumed, clean)
+
+
+@needs_samples
+@pytest.mark.reliability(item=13, before="silent wrong", now="clear error")
+def test_eval_says_why_a_score_is_nan(saved, tmp_path):
+    rec = {**REC, "exit_layer": -1, "edits": [{"site": "layer_in", "layers": 3, "rows": "last", "op": "scale",
+                                               "factor": 1e30}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(rec), encoding="utf-8")
+    done = _cli("eval", "sts", "-r", str(tmp_path / "r.yaml"), "-m", str(saved[0] / "model"), "-d", str(SAMPLES),
+                "--tasks", "stsb", "--no-progress", "--no-resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stsb nan (undefined: every pair got the same similarity" in done.stderr, done.stderr[-2000:]
+    assert "not finite or all zero" in done.stderr

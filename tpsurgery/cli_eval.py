@@ -122,7 +122,7 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
                                  model_name=model, limit=limit, batch_size=batch_size, progress=progress and world.main,
                                  kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub, standardize=standardize))
             if world.main:
-                typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in
+                typer.echo(f"{emb.recipe.name or r}: " + ", ".join(_score(t, v) for t, v in
                                                                   runs[-1]["scores"].items())
                            + f" ({runs[-1]['seconds']:.1f} s)", err=True)
     if not world.main:
@@ -133,6 +133,18 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
         typer.echo(f"wrote {write_results(output, runs)}", err=True)
     if markdown:
         typer.echo(f"wrote {_atomic_write_text(markdown, table + chr(10))}", err=True)
+
+
+def _score(task: str, value: float) -> str:
+    """``task 71.23``, or for NaN the reason: a correlation of constant (or NaN) similarities is undefined.
+
+    >>> _score("stsb", float("nan"))
+    'stsb nan (undefined: every pair got the same similarity, or NaN; e.g. all-zero or non-finite embeddings, see the warnings)'
+    """
+    if value != value:
+        return (f"{task} nan (undefined: every pair got the same similarity, or NaN; e.g. all-zero or non-finite "
+                "embeddings, see the warnings)")
+    return f"{task} {value:.2f}"
 
 
 RECIPES_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped name; repeat for several rows")

@@ -100,7 +100,8 @@ def check_regular(path: str | os.PathLike, what: str = "--input") -> Path:
             from None
     if not stat.S_ISREG(st.st_mode):
         hint = "; give a text file (standard input: --input -)" if what == "--input" else ""
-        raise InputError(None, f"{what} {path} is {_kind(st.st_mode)}, not a regular file{hint}")
+        head = f"{what} {path} is" if what == "--input" else f"cannot read {what} {path}: it is"
+        raise InputError(None, f"{head} {_kind(st.st_mode)}, not a regular file{hint}")
     return path
 
 
