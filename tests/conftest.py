@@ -30,3 +30,59 @@ def smollm2():
     from tpsurgery.models import load_model
 
     return load_model("smollm2-135m")
+
+
+# ------------------------------------------------------------------ the reliability table (docs/reliability.md)
+# `pytest tests/test_reliability3.py --reliability-table` prints, per kind of failure the cases had before their fix
+# (marker `reliability(item, before, now)`), how many cases were tried and how each ends now: a clear error, a
+# correct result, or still the failure (raw traceback / silent wrong / data lost / hang / unsafe) when its test fails.
+_RELIABILITY: list[tuple[dict, str]] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-table", action="store_true",
+                     help="print the cases-tried / clear-error / correct / still-failing table of docs/reliability.md")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability(item, before, now): a hostile case of docs/reliability.md's table "
+                                       "(before: what the case did before its fix; now: 'clear error' or 'correct')")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    mark = item.get_closest_marker("reliability")
+    if mark is not None and (rep.when == "call" or (rep.when == "setup" and not rep.passed)):
+        _RELIABILITY.append((mark.kwargs, rep.outcome))
+
+
+def reliability_table(results) -> str:
+    """The markdown table from ``(marker kwargs, outcome)`` pairs."""
+    kinds = ["raw traceback", "silent wrong", "data lost", "hang", "unsafe", "missing"]
+    rows = {k: [0, 0, 0, 0, 0] for k in kinds}  # tried, clear error, correct, still failing, skipped
+    for kw, outcome in results:
+        r = rows.setdefault(kw["before"], [0, 0, 0, 0, 0])
+        r[0] += 1
+        if outcome == "passed":
+            r[1 if kw["now"] == "clear error" else 2] += 1
+        elif outcome == "skipped":
+            r[4] += 1
+        else:
+            r[3] += 1
+    lines = ["| before the fix | cases tried | clear error now | correct now | still failing | skipped |",
+             "|---|---:|---:|---:|---:|---:|"]
+    total = [0, 0, 0, 0, 0]
+    for kind, r in rows.items():
+        if r[0]:
+            lines.append(f"| {kind} | " + " | ".join(map(str, r)) + " |")
+            total = [a + b for a, b in zip(total, r)]
+    lines.append("| **total** | " + " | ".join(f"**{x}**" for x in total) + " |")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.getoption("--reliability-table") and _RELIABILITY:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(reliability_table(_RELIABILITY))

@@ -591,7 +591,7 @@ def test_non_finite_embeddings_are_never_silent():
 
     handle = model.model.layers[0].register_forward_hook(overflow)
     try:
-        with pytest.warns(UserWarning, match=r"the embeddings of 1 input\(s\) are not finite \(NaN or inf; inputs 2\)"):
+        with pytest.warns(UserWarning, match=r"the embeddings of 1 input\(s\) are not finite or all zero \(NaN, inf, or an overflow in the final norm; inputs 2\)"):
             out = emb.encode(["a much longer first sentence", "a much longer first sentence", "mid one", "x"],
                              batch_size=4)
     finally:

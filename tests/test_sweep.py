@@ -98,7 +98,7 @@ def test_outputs_and_best_recipe(setup, tmp_path):
     assert stored["best"]["score"] == pytest.approx(np.nanmax(grid))
     best = tpsurgery.load_recipe(paths["best"])
     assert best.exit_layer == m and best.tp == tpsurgery.parse_recipe({"prompt": best.prompt, "tp": stored["rows"][r]["tp"]}).tp
-    assert paths["cache"] == sweep_path(res.fingerprint, res.recipe) and paths["cache"].is_file()
+    assert paths["cache"] == sweep_path(res.fingerprint, res.recipe, res.task, res.data) and paths["cache"].is_file()
 
 
 def test_exit_layer_auto_uses_the_stored_row(setup):

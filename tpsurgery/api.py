@@ -97,14 +97,17 @@ def resolve_model(model: Any, tokenizer: Any = None, device: str | None = None) 
 
 
 def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: Any = None,
-          backend: str | None = None, prefix_cache: bool | None = None, embedding_cache: Any = None) -> Embedder:
+          backend: str | None = None, prefix_cache: bool | None = None, embedding_cache: Any = None,
+          max_length: int | None = None) -> Embedder:
     """Compile ``recipe`` for ``model`` and return an :class:`Embedder`. Weights, config and hooks are never modified;
     nnsight's pass-through forward wrappers stay on the module instances until ``Embedder.close()`` (or ``with``).
 
     ``prefix_cache``: reuse the prompt prefix's keys/values where that is exact (see :mod:`tpsurgery.prefix`); the
     default ``None`` turns it on for models on the CPU only (on a GPU a small model is launch-bound and reuse measured
     no gain, docs/performance.md);
-    ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk.
+    ``embedding_cache``: ``True``, a folder or an :class:`~tpsurgery.cache.EmbeddingCache` to store embeddings on disk;
+    ``max_length``: at most this many tokens per prompt (longer sentences are cut, with a warning), like
+    sentence-transformers' ``max_seq_length``; default and upper bound: the model's limit.
 
     Refuses (:class:`ModelError`) a transformers or nnsight outside the verified versions
     (:data:`tpsurgery.versions.VERIFIED`).
@@ -128,7 +131,7 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
     # the best exit layer of a stored sweep (tpsurgery sweep) for `exit_layer: auto`
     exit_layer = resolve_auto_exit(hf_model, recipe) if recipe.exit_layer == "auto" else None
     return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
-                    embedding_cache=embedding_cache, exit_layer=exit_layer)
+                    embedding_cache=embedding_cache, exit_layer=exit_layer, max_length=max_length)
 
 
 def _transformer_lens(model: Any, tokenizer: Any, backend: str | None) -> tuple[Any, Any, Any]:

@@ -132,7 +132,7 @@ class EmbeddingCache:
             from .models import cache_dir
 
             directory = cache_dir() / "embeddings"
-        from .models import check_cache_dir, make_dirs
+        from .models import check_cache_tree, make_dirs
 
         self.directory = Path(directory).expanduser()
         self.path = self.directory / "embeddings.sqlite"
@@ -144,7 +144,7 @@ class EmbeddingCache:
         except OSError as exc:
             self._unusable(exc, write_only=False)
             return
-        check_cache_dir(self.directory)
+        check_cache_tree(self.directory)  # and every folder above it in the tpsurgery cache
         if not self.path.exists():
             self._guard(lambda con: None, None, write=True)
             if self.path.exists():

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import TpsurgeryError
+from .errors import InputError, RecipeError, TpsurgeryError
 
 app = typer.Typer(help="Training-free surgery that turns decoder LLMs into sentence embedders.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -25,13 +25,13 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(recipes_app, name="recipes")
 
 from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
-                       regress, sweep)  # (evaluation commands)
+                       regress, required, sweep)  # (evaluation commands)
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
 app.command()(regress)
 
-RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped recipe name")
+RECIPE_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped recipe name")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -47,7 +47,9 @@ def recipe_validate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="also check layer numbers, placeholder token and "
                                         "markers against this model (HF id or folder, .gguf file, or smollm2-135m)"),
 ) -> None:
-    """Validate recipes (every problem of each, at once); exit code 1 if any is invalid."""
+    """Validate recipes (every problem of each, at once: schema, op parameters, runs, and with --model layer numbers
+    and prompt lengths); exit code 1 if any is invalid. --model reads the model's config and tokenizer, not its
+    weights."""
     from .library import load_recipe
 
     loaded = None
@@ -56,14 +58,24 @@ def recipe_validate(
         try:
             r = load_recipe(f)
             if model is not None:
-                from .api import apply, resolve_model
+                from .api import apply
+                from .models import config_model
 
-                loaded = loaded or resolve_model(model)[:2]
+                loaded = loaded or config_model(model)
                 with apply(loaded[0], r, tokenizer=loaded[1]) as emb:
                     where = f", {model}: {emb.n_layers} decoder layers, reads hidden_states[{emb.plan.exit_layer}]"
             typer.echo(f"ok: {f} [{r.hash()}]" + (where if model is not None else ""))
         except TpsurgeryError as exc:
             bad += 1
+            data = getattr(exc, "data", None)
+            if model is not None and data is not None and isinstance(exc, RecipeError):  # the layers too, same round
+                from .models import config_model
+                from .recipe import layer_problems
+
+                loaded = loaded or config_model(model)
+                seen = {field for field, _ in exc.problems}
+                more = [p for p in layer_problems(data, loaded[0].config.num_hidden_layers) if p[0] not in seen]
+                exc = RecipeError(*exc.problems[0], more=[*exc.problems[1:], *more]) if more else exc
             typer.echo(f"invalid: {f}: {exc}", err=True)
     raise typer.Exit(1 if bad else 0)
 
@@ -89,9 +101,9 @@ def recipes_list() -> None:
 
 @app.command()
 def embed(
-    input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one sentence per line ('\\n'-separated; "
-                               "one output row per line)"),
-    output: Path = typer.Option(..., "--output", "-o", help=".npy file to write (float32 [lines, d])"),
+    input: Path = typer.Option(..., "--input", "-i", callback=required, help="UTF-8 text file, one sentence per line ('\\n'-separated; "
+                               "one output row per line); - reads standard input"),
+    output: Path = typer.Option(..., "--output", "-o", callback=required, help=".npy file to write (float32 [lines, d])"),
     recipe: str = RECIPE_OPT,
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
@@ -100,6 +112,8 @@ def embed(
     max_tokens: Optional[int] = typer.Option(None, help="at most this many (padded) tokens per forward pass "
                                              "(default: batch size x twice the median length)"),
     normalize: bool = typer.Option(False, help="L2-normalize the embeddings"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="at most this many tokens per prompt (longer "
+                                             "lines are cut, with a warning); default: the model's limit"),
     progress: bool = typer.Option(True, help="show progress bars"),
     resume: bool = RESUME_OPT,
 ) -> None:
@@ -107,14 +121,19 @@ def embed(
     from .api import apply, resolve_model
     from .distributed import embed_shards, process_group, rank_device, world_from_env
     from .embed_file import EmbedOptions, embed_file
-    from .textio import check_output, count_lines
+    from .textio import check_output, check_regular, count_lines, is_stdin
 
     world = world_from_env()  # torchrun: each rank embeds its shard, rank 0 merges (docs/scale-out.md)
-    count_lines(input)  # unreadable input or output: one error line before the model is loaded
-    check_output(output)
+    check_output(output, input)  # unreadable input or output: one error line before the model is loaded
+    if is_stdin(input):
+        if world.size > 1:
+            raise InputError(None, "--input - (standard input) cannot be sharded under torchrun; give a file")
+    else:
+        count_lines(check_regular(input))
     with quiet(not progress):
         hf_model, tok, _ = resolve_model(model, device=rank_device(device, world))
-    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume))
+    emb = apply(hf_model, recipe, tokenizer=tok, backend=backend, embedding_cache=open_cache(resume),
+                max_length=max_length)
     options = EmbedOptions(batch_size=batch_size, max_tokens=max_tokens, normalize=normalize, progress=progress)
     if world.size == 1:
         report = embed_file(emb, input, output, options)
@@ -200,16 +219,57 @@ def demo(
 INTERRUPTED = "\ninterrupted; embed and eval resume from their finished batches when rerun"
 
 
-def main() -> None:
-    """Entry point: TpsurgeryError becomes one clean line on stderr and exit code 2."""
+def _click_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, abort classes) of plain click and of the click that typer >= 0.29 vendors
+    (``typer._click``, whose exceptions are not click's)."""
     import click
 
+    usage: list[type] = [click.exceptions.ClickException]
+    abort: list[type] = [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.29
+
+        usage.append(vendored.ClickException)
+    except ImportError:
+        pass
+    try:
+        from typer.exceptions import Abort as TyperAbort  # typer >= 0.29
+
+        abort.append(TyperAbort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(abort)
+
+
+def usage_error_line(exc: BaseException) -> str:
+    """One ``error:`` line for a click usage error: the message, and the command whose ``--help`` tells more."""
+    msg = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    msg = " ".join(msg.split())
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", "") else ""
+    return f"error: {msg}{where}"
+
+
+def main() -> None:
+    """Entry point: a usage error or a TpsurgeryError becomes one ``error:`` line on stderr and exit code 2; Ctrl-C
+    one line and exit code 130. Never a traceback for either."""
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:  # SIGTERM: unwind, so temporary files are removed
+        raise SystemExit(128 + signum)
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, terminated)
+    usage, abort = _click_kinds()
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.ClickException as exc:  # usage errors: click's own message and exit code
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except usage as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `tpsurgery` / `tpsurgery eval`: the help, as asked
+            typer.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) is not None else str(exc))
+            sys.exit(0)
+        typer.echo(usage_error_line(exc), err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, *abort):
         typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except TpsurgeryError as exc:

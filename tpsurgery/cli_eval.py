@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -23,6 +23,14 @@ DEVICE_OPT = typer.Option(None, "--device", help="torch device to load the model
 BACKEND_OPT = typer.Option("nnsight", "--backend", help="engine: nnsight, or transformer_lens (a TransformerBridge "
                            "around a copy of the model; no prompt-prefix reuse, sweep rows not "
                            "shared)")
+
+
+def required(param: typer.CallbackParam, value: Any) -> Any:
+    """Callback of required options: typer < 0.29 with click >= 8.2 passes a missing one as None instead of failing
+    (then a traceback deep in the command); this makes it click's usage error on every typer."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        raise typer.BadParameter("missing (this option is required)", param=param)
+    return value
 
 
 RESUME_OPT = typer.Option(True, help="store embeddings in the embedding cache as batches finish and reuse them: a "
@@ -95,7 +103,12 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
     from .distributed import ShardedEncoder, process_group, rank_device, world_from_env
     from .evaluation import _atomic_write_text, evaluate, markdown_table, write_results
 
+    from .textio import check_output
+
     world = world_from_env()  # torchrun: each rank embeds a share of every encode call; rank 0 reports
+    for path, what in ((output, "--output"), (markdown, "--markdown")):
+        if path is not None:
+            check_output(path, what=what)  # a device or folder is refused before any work
     dirs = data_dirs(data, hub)
     names = _split_tasks(tasks, kind)
     with quiet(not progress):
@@ -109,7 +122,7 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
                                  model_name=model, limit=limit, batch_size=batch_size, progress=progress and world.main,
                                  kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub, standardize=standardize))
             if world.main:
-                typer.echo(f"{emb.recipe.name or r}: " + ", ".join(f"{t} {v:.2f}" for t, v in
+                typer.echo(f"{emb.recipe.name or r}: " + ", ".join(_score(t, v) for t, v in
                                                                   runs[-1]["scores"].items())
                            + f" ({runs[-1]['seconds']:.1f} s)", err=True)
     if not world.main:
@@ -122,7 +135,19 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
         typer.echo(f"wrote {_atomic_write_text(markdown, table + chr(10))}", err=True)
 
 
-RECIPES_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped name; repeat for several rows")
+def _score(task: str, value: float) -> str:
+    """``task 71.23``, or for NaN the reason: a correlation of constant (or NaN) similarities is undefined.
+
+    >>> _score("stsb", float("nan"))
+    'stsb nan (undefined: every pair got the same similarity, or NaN; e.g. all-zero or non-finite embeddings, see the warnings)'
+    """
+    if value != value:
+        return (f"{task} nan (undefined: every pair got the same similarity, or NaN; e.g. all-zero or non-finite "
+                "embeddings, see the warnings)")
+    return f"{task} {value:.2f}"
+
+
+RECIPES_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped name; repeat for several rows")
 DATA_OPT = typer.Option(None, "--data-dir", "-d", help=DATA_HELP)
 LIMIT_OPT = typer.Option(None, help="use only the first N pairs (STS) / lines per split or class (transfer)")
 SPREAD_OPT = typer.Option(False, "--spread", help="with --limit N: N evenly spaced pairs / lines instead of the "
@@ -181,7 +206,7 @@ def eval_transfer(
 
 
 def sweep(
-    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose prompt/placeholder/pooling are swept"),
+    recipe: str = typer.Option(..., "--recipe", "-r", callback=required, help="recipe whose prompt/placeholder/pooling are swept"),
     model: str = MODEL_OPT,
     device: Optional[str] = DEVICE_OPT,
     backend: str = BACKEND_OPT,
@@ -224,6 +249,8 @@ def sweep(
     if grid:
         found = run_variants(hf_model, as_recipe(recipe), grid, pairs, **kw)
         typer.echo(found.table(), nl=False)
+        k, b = found.best()
+        typer.echo(f"best: {found.labels[k]}, {b} on {found.sweeps[k].task} ({found.sweeps[k].n_pairs} pairs)")
         for k, p in found.write(out_dir).items():
             typer.echo(f"wrote {k}: {p}")
         return
@@ -238,14 +265,31 @@ def sweep(
 
 def regress(
     results: Path = typer.Argument(..., help="results JSON (tpsurgery eval ... --output)"),
-    expected: Path = typer.Argument(..., help="expected-scores JSON"),
+    expected: Path = typer.Argument(..., help="expected-scores JSON (read; written with --write-expected)"),
     tol: Optional[float] = typer.Option(None, help="allowed drop in score points (default: the file's tol, else 0.5)"),
     strict: bool = typer.Option(False, help="also fail when a score rose by more than tol"),
+    write_expected: bool = typer.Option(False, "--write-expected", help="write EXPECTED from the scores in RESULTS "
+                                        "(pin today's scores for CI; with --tol as its tolerance) instead of comparing"),
+    with_hash: bool = typer.Option(False, "--with-hash", help="with --write-expected: also pin each recipe's hash "
+                                   "(a changed recipe then fails as 'mismatch')"),
 ) -> None:
-    """Compare results with expected scores; exit code 1 on a regression."""
-    from .evaluation import read_results
-    from .regression import compare, failed, load_expected, report
+    """Compare results with expected scores: exit code 1 on a regression, 2 on an unreadable or malformed file."""
+    import json
 
-    checks = compare(read_results(results), load_expected(expected), tol, strict)
+    from .evaluation import read_results
+    from .regression import DEFAULT_TOL, compare, expected_from_runs, failed, load_expected, report
+    from .textio import atomic_write, check_output
+
+    runs = read_results(results)
+    if write_expected:
+        check_output(expected, results, what="expected file")
+        doc = expected_from_runs(runs, tol=DEFAULT_TOL if tol is None else tol, with_hash=with_hash)
+        atomic_write(expected, json.dumps(doc, indent=1) + "\n")
+        typer.echo(f"wrote {expected}: {sum(len(e['scores']) for e in doc['expected'].values())} score(s) of "
+                   f"{len(doc['expected'])} recipe(s), tol {doc['tol']}")
+        return
+    if with_hash:
+        raise InputError(None, "--with-hash only goes with --write-expected")
+    checks = compare(runs, load_expected(expected), tol, strict)
     typer.echo(report(checks))
     raise typer.Exit(1 if failed(checks) else 0)

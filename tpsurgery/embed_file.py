@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendError
-from .textio import NpyWriter, check_output, chunked, count_lines, iter_lines
+from .errors import BackendError, TpsurgeryError
+from .resources import renumbered
+from .textio import (InputSnapshot, NpyWriter, check_output, check_regular, chunked, count_lines, is_stdin, iter_lines,
+                     spool_stdin)
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,26 @@ def _lines(numbers: list[int]) -> str:
 
 def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOptions = EmbedOptions(),
                lines: range | None = None) -> EmbedReport:
-    """Embed every line of ``input`` with ``emb`` into ``output`` (see the module doc). Unwritable outputs and a full
-    disk fail before any embedding is computed; all-non-finite output is an error and nothing is written.
+    """Embed every line of ``input`` with ``emb`` into ``output`` (see the module doc). Unwritable outputs, an output
+    that is the input or not a regular file, and a full disk fail before any embedding is computed; all-non-finite
+    output is an error and nothing is written. ``input`` ``-`` (or ``/dev/stdin``) reads standard input, once.
+    The rows written are the lines read: an input that changes during the run is an error and nothing is written.
 
     ``lines``: only these (0-based, a contiguous range: one rank's shard, :mod:`tpsurgery.distributed`), written as
     rows ``0 .. len(lines) - 1``; warnings still name the file's line numbers."""
+    output = check_output(output, input)
+    spooled = spool_stdin(output) if lines is None and is_stdin(input) else None
+    try:
+        return _embed_file(emb, spooled or check_regular(input), output, options, lines)
+    finally:
+        if spooled is not None:
+            spooled.unlink(missing_ok=True)
+
+
+def _embed_file(emb: Any, input: Path, output: Path, options: EmbedOptions, lines: range | None) -> EmbedReport:
+    snapshot = InputSnapshot(input)
     span = range(count_lines(input)) if lines is None else lines
     n = len(span)
-    output = check_output(output)
     report = EmbedReport(rows=n, dim=int(emb.encode([]).shape[-1]))
     cache = getattr(emb, "embedding_cache", None)
     hits = cache.hits if cache is not None else 0
@@ -77,13 +91,16 @@ def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOp
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=options.label, unit="line", position=options.bar_row)
+    read = 0
     try:
         with NpyWriter(output, (n, report.dim)) as writer:
             for start, chunk in chunked(itertools.islice(iter_lines(input), span.start, span.stop), options.chunk_lines):
+                read += len(chunk)
                 writer.write(start, _encode_chunk(emb, chunk, span.start + start, options, bar, report))
+            snapshot.check(read, n)
             if n and len(report.non_finite) == n:
-                raise BackendError(f"the embeddings of all {n} lines are NaN or inf: the model overflowed or is "
-                                   "broken (try float32 or bfloat16); nothing was written")
+                raise BackendError(f"the embeddings of all {n} lines are NaN, inf or all zero: the model overflowed "
+                                   "or is broken (try float32 or bfloat16); nothing was written")
             writer.commit()
     finally:
         if bar is not None:
@@ -91,11 +108,11 @@ def embed_file(emb: Any, input: str | Path, output: str | Path, options: EmbedOp
     report.cached = cache.hits - hits if cache is not None else 0
     if report.truncated:
         warnings.warn(f"{len(report.truncated)} line(s) truncated to the model's limit of {emb.max_length} tokens "
-                      f"(the end of the sentence is dropped; lines {_lines(report.truncated)})", UserWarning, 2)
+                      f"(the end of the sentence is dropped; lines {_lines(report.truncated)})", UserWarning, 3)
     if report.non_finite:
-        warnings.warn(f"the embeddings of {len(report.non_finite)} line(s) are not finite (NaN or inf; lines "
-                      f"{_lines(report.non_finite)}): the model overflowed or is broken; try float32 or bfloat16",
-                      UserWarning, 2)
+        warnings.warn(f"the embeddings of {len(report.non_finite)} line(s) are not finite or all zero (NaN, inf, or "
+                      f"an overflow in the final norm; lines {_lines(report.non_finite)}): the model overflowed or is "
+                      "broken; try float32 or bfloat16", UserWarning, 3)
     return report
 
 
@@ -104,8 +121,13 @@ def _encode_chunk(emb: Any, lines: list[str], start: int, options: EmbedOptions,
     """One ``encode`` call; its warnings (which number the chunk's inputs) become the report's line numbers."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = emb.encode(lines, batch_size=options.batch_size, max_tokens=options.max_tokens,
-                         normalize_embeddings=options.normalize, show_progress_bar=bar if bar is not None else False)
+        try:
+            out = emb.encode(lines, batch_size=options.batch_size, max_tokens=options.max_tokens,
+                             normalize_embeddings=options.normalize, show_progress_bar=bar if bar is not None else False)
+        except TpsurgeryError as exc:  # it names an index in this chunk: name the input line instead
+            if exc.index is None or not 0 <= exc.index < len(lines):
+                raise
+            raise renumbered(exc, start + exc.index, f"--input line {start + exc.index + 1}: ") from exc.__cause__
     for w in caught:
         text = str(w.message)
         if "truncated to the model's limit" in text:
@@ -114,6 +136,7 @@ def _encode_chunk(emb: Any, lines: list[str], start: int, options: EmbedOptions,
             report.truncated.extend(start + i + 1 for i in sorted(cut))
         elif "are not finite" not in text:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    bad = np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(1))
+    flat = out.reshape(len(out), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(1) | ((flat == 0).all(1) if flat.shape[1] else False))
     report.non_finite.extend(start + int(i) + 1 for i in bad)
     return out

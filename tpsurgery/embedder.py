@@ -24,7 +24,7 @@ from .backends import Backend
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
-from .batching import Progress, check_budget, token_batches
+from .batching import default_budget, Progress, check_budget, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
@@ -124,7 +124,8 @@ class Embedder:
     """
 
     def __init__(self, model: Any, tokenizer: Any, recipe: Recipe, backend: Backend, spec: ArchSpec | None = None,
-                 prefix_cache: bool | None = None, embedding_cache: Any = None, exit_layer: int | None = None):
+                 prefix_cache: bool | None = None, embedding_cache: Any = None, exit_layer: int | None = None,
+                 max_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -142,7 +143,22 @@ class Embedder:
             for k, template in enumerate(recipe.templates):
                 check_markers(tokenizer, template, "prompt" if isinstance(recipe.prompt, str) else f"prompt.{k}")
         self.plan: Plan = self.plan_for(recipe, exit_layer)
-        self.max_length = _max_length(model, tokenizer)
+        self.model_max_length = _max_length(model, tokenizer)
+        self.max_length = self.model_max_length
+        if max_length is not None:  # like sentence-transformers' max_seq_length: at most the model's limit
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise InputError(None, f"max_length must be a positive integer, got {max_length!r}")
+            if self.model_max_length is not None and max_length > self.model_max_length:
+                raise InputError(None, f"max_length {max_length} is beyond the model's limit of "
+                                       f"{self.model_max_length} tokens")
+            self.max_length = max_length
+        if self.max_length is not None:  # a prompt that cannot hold even an empty sentence cannot encode anything
+            for k, template in enumerate(recipe.templates):
+                n = len(self._prompt_ids(template))
+                if n > self.max_length:
+                    raise RecipeError("prompt" if isinstance(recipe.prompt, str) else f"prompt.{k}",
+                                      f"{n} tokens without any sentence: longer than the model's limit of "
+                                      f"{self.max_length} tokens")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None and pad < vocab else 0
         # performance options (docs/performance.md): prompt-prefix KV reuse where exact; on-disk embedding cache
@@ -167,6 +183,11 @@ class Embedder:
         return plan
 
     # -- tokenization -------------------------------------------------------------------------------------------
+    def _prompt_ids(self, template: str) -> list[int]:
+        """The template's tokens with an empty sentence (no limit applied)."""
+        return encode_prompts(self.tokenizer, template, [""], self.placeholder_id, preprocess=False,
+                              max_length=None, compat=self.recipe.compat, warn=False)[0].ids
+
     def tokenize(self, texts: Sequence[str], template: str, warn: bool = True) -> list[Encoded]:
         """Encode texts inside one of the recipe's templates (placeholders spliced in, long texts truncated)."""
         return encode_prompts(
@@ -236,7 +257,8 @@ class Embedder:
                 try:
                     if todo:
                         per_template = self.per_template(todo, texts, lambda t, cut: self._encode_unique(
-                            todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store))[0]
+                            todo, t, batch_size, progress, all_layers, plan, cut, max_tokens, store,
+                            budget_texts=unique))[0]
                         new = torch.stack(per_template).mean(0) if len(per_template) > 1 else per_template[0]
                         bad = non_finite_rows(new)
                         if bad:  # an overflow (float16) must not pass silently; such rows are not cached either
@@ -301,7 +323,8 @@ class Embedder:
 
         device = input_device(self.model, self.spec).type
         key = "/".join([model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer),
-                        plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)])
+                        plan_key(self.recipe, plan, all_layers=all_layers, backend=self.backend.name, device=device)]
+                       + ([f"max_length={self.max_length}"] if self.max_length != self.model_max_length else []))
         return self.embedding_cache.get(key, unique), key
 
     # -- the building blocks of encode (also of tpsurgery.sharing.encode_schedules) --------------------------------
@@ -321,15 +344,15 @@ class Embedder:
         return out, cut
 
     def _encode_unique(self, texts, template, batch_size, progress, all_layers, plan, truncated, max_tokens=None,
-                       on_batch=None) -> torch.Tensor:
+                       on_batch=None, budget_texts=None) -> torch.Tensor:
         d = self.hidden_size
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
         return self.encode_rows(texts, template, batch_size, progress, plan, tail,
                                 lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
-                                max_tokens, on_batch)
+                                max_tokens, on_batch, budget_texts)
 
     def encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
-                    on_batch=None) -> torch.Tensor:
+                    on_batch=None, budget_texts=None) -> torch.Tensor:
         """``run_batch(batch, backend_kwargs)`` over length-sorted batches of ``texts`` in ``template`` (one result
         row of shape ``tail`` per text; prompt-prefix reuse, token budgets and out-of-memory splits as in ``encode``);
         rows back in order. Adds the indices of truncated texts to ``truncated``; ``progress`` advances and
@@ -343,6 +366,12 @@ class Embedder:
         if prefix is not None:
             rows = split_rows(rows, prefix.length)
         run_kw = {"prefix": prefix} if prefix is not None else {}
+        if max_tokens is None and budget_texts is not None and len(budget_texts) != len(texts):
+            # a resumed call (some texts were cached): the token budget of the whole call, so the batches left to run
+            # are composed exactly as in an uninterrupted run (bitwise-identical results), not by what is left
+            cut = prefix.length if prefix is not None else 0
+            max_tokens = default_budget([len(r.ids) - cut for r in self.tokenize(budget_texts, template, warn=False)],
+                                        batch_size)
         buckets = prefix is not None and prefix.needs_buckets(max(len(r.ids) for r in rows))  # sliding windows
         out = torch.empty((len(texts), *tail), dtype=torch.float32)
         oom: dict = {}  # out-of-memory splits: the batch size that fits (tpsurgery.resources)

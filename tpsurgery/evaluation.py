@@ -345,4 +345,9 @@ def markdown_table(runs: Sequence[dict[str, Any]], tasks: Sequence[str] | None =
         avg = f"{np.mean(have):.2f}" if have and len(have) == len(vals) else "-"
         lines.append(f"| {r['recipe'].get('name') or r['recipe'].get('hash', '?')} | " + " | ".join(cells)
                      + f" | {avg} |")
+    limited = {t: d for r in runs for t, d in (r.get("data") or {}).items() if d.get("limit") is not None}
+    if limited:  # a sample, not the whole set: say how many items each score saw
+        lines.append("\nScored on a sample: " + "; ".join(
+            f"{TASKS[t].title if t in TASKS else t}: {d['n']} items (--limit {d['limit']}"
+            f"{', spread' if d.get('spread') else ''})" for t, d in limited.items()) + ".")
     return "\n".join(lines)

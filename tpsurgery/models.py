@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import pickle  # noqa: S403 (only for its exception class; nothing is unpickled here)
 import shutil
 import tempfile
 from pathlib import Path
@@ -65,13 +66,65 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 CHECKSUMS = "tpsurgery-checksums.json"
 
 
+SOURCES = ".gguf-digests.json"
+
+
+def source_digest(gguf: Path) -> str:
+    """SHA-256 of a GGUF file's bytes, remembered in ``<cache>/models/.gguf-digests.json`` under its path and
+    ``stat`` (device, inode, size, mtime and ctime: any write to the file changes ctime, which no user can set back),
+    so an unchanged file is hashed once."""
+    import json
+
+    from .textio import atomic_write
+
+    st = os.stat(gguf)
+    key, ident = str(gguf.resolve()), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    memo_path = cache_dir() / "models" / SOURCES
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(key)
+    if isinstance(hit, dict) and hit.get("stat") == ident and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    digest = _sha256(gguf)
+    memo[key] = {"stat": ident, "sha256": digest}
+    try:
+        make_dirs(memo_path.parent)
+        os.chmod(atomic_write(memo_path, json.dumps(memo, indent=1) + "\n"), 0o644)
+    except OSError:
+        pass  # an unwritable cache: hashed again next time
+    return digest
+
+
+def check_cache_tree(folder: Path) -> None:
+    """:func:`check_cache_dir` on ``folder`` and on every folder above it up to the cache root (when it lies in
+    the cache): whoever may write to any of them can replace what is read from ``folder``."""
+    folder, root = Path(folder), cache_dir()
+    chain = [folder]
+    try:
+        rel = folder.relative_to(root)
+        chain = [root, *(root.joinpath(*rel.parts[: i + 1]) for i in range(len(rel.parts)))]
+    except ValueError:
+        pass
+    for f in chain:
+        check_cache_dir(f)
+
+
 def _converted_copy(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically). A copy whose
-    weights no longer match the checksums recorded at conversion (truncated, garbled) is converted again."""
+    """Dequantize a GGUF file once into a float32 safetensors folder in the cache (written atomically), keyed by the
+    GGUF's content (a different file with the same name is converted on its own). A copy whose weights no longer
+    match the checksums recorded at conversion (truncated, garbled) is converted again. The cache, its ``models``
+    folder and the converted folder must be the user's own and not writable by others."""
     import warnings
 
-    check_cache_dir(cache_dir())
-    target = cache_dir() / "models" / gguf.stem
+    check_cache_tree(cache_dir() / "models")
+    target = cache_dir() / "models" / f"{gguf.stem}.{source_digest(gguf)[:16]}"
+    check_cache_tree(target)
+    for f in target.iterdir() if target.is_dir() else ():
+        check_cache_dir(f)  # a weight file or the checksums others may rewrite
     if (target / "config.json").exists():
         if not (target / CHECKSUMS).exists():  # converted by tpsurgery < 0.1 (atomically): recorded on first use
             try:
@@ -230,6 +283,49 @@ def no_loading_bar():
         set_hook(previous)
 
 
+def config_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for checking recipes only: the model has the real config's architecture, layer count,
+    vocabulary and position limit but tiny random layers, made from the config without reading any weight (a GGUF is
+    converted once, as :func:`load_model` would). Falls back to :func:`load_model` when the config cannot be shrunk.
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> import tempfile; d = tempfile.mkdtemp(); m, t = tiny_model("llama"); m.save_pretrained(d); _ = t.save_pretrained(d)
+    >>> skeleton, _ = config_model(d)
+    >>> skeleton.config.num_hidden_layers == m.config.num_hidden_layers
+    True
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name == DEFAULT_MODEL:
+        source: Any = _converted_copy(smollm2_gguf_path())
+    elif name.endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise ModelError(f"GGUF file not found: {name}")
+        source = _converted_copy(Path(name).expanduser())
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
+    try:
+        config = AutoConfig.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of model {name!r}: {exc}") from exc
+    heads = getattr(config, "num_attention_heads", None)
+    try:
+        if not isinstance(heads, int) or not hasattr(config, "hidden_size"):
+            raise ValueError("not a config tpsurgery knows how to shrink")
+        config.hidden_size = 4 * heads
+        if getattr(config, "head_dim", None) is not None:
+            config.head_dim = 4
+        if hasattr(config, "intermediate_size"):
+            config.intermediate_size = 8
+        model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, AttributeError, RuntimeError):
+        return load_model(name_or_path)
+    model.eval()
+    return model, tokenizer
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -266,7 +362,7 @@ def _load_model(name: str, dtype: torch.dtype, device: str | torch.device | None
             str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True if converted else None
         )
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # a refused pickle: torch's weights_only load
         raise ModelError(
             f"cannot load model {name!r}: {exc}. Accepted: a Hugging Face id or local folder, a .gguf file, "
             f"or {DEFAULT_MODEL!r} (installed by {FETCH_HINT})"

@@ -118,6 +118,9 @@ def encode_prompts(
         raise ModelError("tpsurgery needs a fast (Rust) tokenizer with offset mappings; got a slow tokenizer")
     pieces = split_template(template)
     texts = [preprocess_sentence(t) if preprocess else t for t in texts]
+    if max_length is not None:  # a 1 MB line is cut by characters first: only a prefix can ever be kept
+        bound = char_bound(tokenizer, max_length)
+        texts = [t[:bound] if len(t) > bound else t for t in texts]
     tok = _Tokenize(tokenizer, template)
     if compat == "official":
         out = [_official_within(tok, template, t, placeholder_id, max_length, i) for i, t in enumerate(texts)]
@@ -135,6 +138,31 @@ def encode_prompts(
     if cut and warn:
         warnings.warn(truncation_message(cut, max_length), UserWarning, stacklevel=3)
     return out
+
+
+_LONGEST: dict[int, tuple[Any, int]] = {}
+
+
+def char_bound(tokenizer: Any, max_length: int) -> int:
+    """A number of characters whose every prefix-of-a-text beyond it needs more than ``max_length`` tokens: no token
+    spans more characters than the longest vocabulary entry (``L``; 4 L with a normalizer, which may fold characters),
+    so ``(max_length + 2) * L`` characters take at least ``max_length + 2`` tokens. Cutting a text there before tokenizing changes no truncation result (the kept
+    prefix is at most ``max_length`` tokens) and bounds the work of a 1 MB line.
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> tok = tiny_model("llama")[1]
+    >>> char_bound(tok, 10) in (12 * max(len(t) for t in tok.get_vocab()), 48 * max(len(t) for t in tok.get_vocab()))
+    True
+    """
+    hit = _LONGEST.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.normalizer is not None:  # normalization may fold several characters into one
+            longest *= 4
+        hit = (tokenizer, longest)
+        _LONGEST[id(tokenizer)] = hit
+    return (max_length + 2) * max(1, hit[1])
 
 
 def check_markers(tokenizer: Any, template: str, field: str = "prompt") -> None:

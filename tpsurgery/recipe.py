@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .schema import NUM as _NUM, EditSpec, Frozen as _Frozen, Span
+from .schema import NUM as _NUM, SEED as _SEED, EditSpec, Frozen as _Frozen, Span
 
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
@@ -122,7 +122,7 @@ class Placeholder(_Frozen):
     init: Literal["token", "zeros", "ones", "uniform", "gaussian"] = "token"
     token_id: Annotated[int, Field(ge=0), _NUM] = 0
     token: str | None = None
-    seed: Annotated[int, _NUM] = 0
+    seed: Annotated[int, _NUM, _SEED] = 0
     mean: Annotated[float, Field(allow_inf_nan=False), _NUM] = 0.0
     std: Annotated[float, Field(gt=0.0, allow_inf_nan=False), _NUM] = 1.0
     mask: Literal["none", "first_layer", "all"] = "none"
@@ -490,7 +490,65 @@ def parse_recipe(source: str | dict | Recipe, *, origin: str | None = None) -> R
     try:
         return Recipe.model_validate(source)
     except ValidationError as exc:
-        raise _error_from_validation(exc, source) from None
+        err = _error_from_validation(exc, source)
+        seen = {f for f, _ in err.problems}  # the whole-recipe checks too, read from the raw data: one round
+        more = [p for p in _raw_run_problems(source) if p[0] not in seen]
+        err = RecipeError(*err.problems[0], more=[*err.problems[1:], *more])
+        err.data = source  # for checks against a model (`recipe validate --model`: layer_problems)
+        raise err from None
+
+
+def _raw_run_problems(data: dict) -> list[tuple[str, str]]:
+    """``edits.K.run`` naming no run of ``runs``, from raw recipe data (when other fields did not validate)."""
+    runs = data.get("runs") if isinstance(data.get("runs"), dict) else {}
+    edits = data.get("edits") if isinstance(data.get("edits"), list) else []
+    out = []
+    for k, e in enumerate(edits):
+        run = e.get("run") if isinstance(e, dict) else None
+        if isinstance(run, str) and run not in runs:
+            close = difflib.get_close_matches(run, list(runs), n=1, cutoff=0.6)
+            known = ", ".join(runs) or "none; add a `runs:` section"
+            out.append((f"edits.{k}.run", f"no run named {run!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f" (runs: {known})"))
+    return out
+
+
+def layer_problems(data: Any, n_layers: int) -> list[tuple[str, str]]:
+    """Layer numbers of raw recipe data outside a model with ``n_layers`` decoder layers (``tp`` spans and
+    ``resume``, ``edits.K.layers``, ``exit_layer``): checked even when other fields did not validate.
+
+    >>> layer_problems({"tp": {"start": 1, "stop": 40}, "edits": [{"layers": [2, 31]}], "exit_layer": -40}, 30)
+    [('tp.stop', 'is 40, beyond the model: 30 decoder layers (0-29; stop <= 30)'), ('edits.0.layers', 'layer 31 is beyond the model: 30 decoder layers (0-29)'), ('exit_layer', 'is -40: the model has hidden_states[0..30] (-31..30)')]
+    """
+    def num(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    out: list[tuple[str, str]] = []
+    if not isinstance(data, dict):
+        return out
+    tp = data.get("tp")
+    if isinstance(tp, dict):
+        spans = tp.get("spans") if isinstance(tp.get("spans"), list) else [tp]
+        for k, sp in enumerate(spans):
+            where = "tp" if sp is tp else f"tp.spans.{k}"
+            if isinstance(sp, dict) and num(sp.get("stop")) and sp["stop"] > n_layers:
+                out.append((f"{where}.stop", f"is {sp['stop']}, beyond the model: {n_layers} decoder layers "
+                                             f"(0-{n_layers - 1}; stop <= {n_layers})"))
+        if num(tp.get("resume")) and not 0 <= tp["resume"] < n_layers:
+            out.append(("tp.resume", f"is {tp['resume']}: the model has decoder layers 0-{n_layers - 1}"))
+    for k, e in enumerate(data.get("edits") if isinstance(data.get("edits"), list) else []):
+        layers = e.get("layers") if isinstance(e, dict) else None
+        if isinstance(layers, dict):
+            layers = [layers.get("stop", 0) - 1] if num(layers.get("stop")) else []
+        for layer in layers if isinstance(layers, list) else [layers]:
+            if num(layer) and not 0 <= layer < n_layers:
+                out.append((f"edits.{k}.layers", f"layer {layer} is beyond the model: {n_layers} decoder layers "
+                                                 f"(0-{n_layers - 1})"))
+                break
+    e = data.get("exit_layer")
+    if num(e) and not -(n_layers + 1) <= e <= n_layers:
+        out.append(("exit_layer", f"is {e}: the model has hidden_states[0..{n_layers}] ({-(n_layers + 1)}..{n_layers})"))
+    return out
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -501,16 +559,15 @@ def read_recipe(path: str | Path) -> Recipe:
     >>> read_recipe(RECIPE_DIR / "prompteol-tp.yaml").tp.spans[0].stop
     8
     """
+    from .errors import InputError
+    from .textio import read_bounded
+
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise RecipeError("<recipe>", f"cannot read {p}: {exc}") from None
-    if size > MAX_RECIPE_BYTES:
-        raise RecipeError("<recipe>", f"{p} is larger than {MAX_RECIPE_BYTES} bytes")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # a regular file, read with a bound (a device or FIFO is refused, /dev/zero never read to the end)
+        text = read_bounded(p, MAX_RECIPE_BYTES, "recipe").decode("utf-8")
+    except InputError as exc:
+        raise RecipeError("<recipe>", str(exc)) from None
+    except UnicodeDecodeError as exc:
         raise RecipeError("<recipe>", f"cannot read {p} as UTF-8 text: {exc}") from None
     if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
         raise RecipeError("<recipe>", f"{p} is empty (an empty file is not the default recipe; write at least one "
@@ -518,9 +575,9 @@ def read_recipe(path: str | Path) -> Recipe:
     try:
         recipe = parse_recipe(text, origin=str(p))
     except RecipeError as exc:
-        if exc.message.startswith(str(p)):  # a YAML syntax error: it starts with the file already
-            raise
-        raise RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:]) from None
+        err = RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:])
+        err.data = getattr(exc, "data", None)
+        raise err from None
     return recipe
 
 

@@ -26,19 +26,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import DataError
+from .errors import TpsurgeryError
 
 DEFAULT_TOL = 0.5
 
 
 @dataclass(frozen=True)
 class Check:
-    """One (recipe, task) comparison. ``status``: ok, regressed, improved (beyond tol), missing, mismatch (hash)."""
+    """One (recipe, task) comparison. ``status``: ok, regressed, improved (beyond tol), missing, mismatch (hash);
+    ``note``: what a status needs said besides the numbers (both hashes of a mismatch)."""
 
     recipe: str
     task: str
     expected: float | None
     got: float | None
     status: str
+    note: str = ""
 
     @property
     def diff(self) -> float | None:
@@ -46,13 +49,36 @@ class Check:
 
 
 def load_expected(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an expected-scores file (see the module docstring)."""
+    """Read an expected-scores file (see the module docstring); a malformed one is a :class:`DataError` naming the
+    entry (the CLI's exit code 2, never 1, which means a regression).
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "e.json"; _ = p.write_text('{"expected": {"r": {"score": 1}}}')
+    >>> load_expected(p)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tpsurgery.data.DataError: .../e.json: expected.r: needs "scores": {task: score} (got keys: score)
+    """
+    from .textio import read_bounded
+
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        obj = json.loads(read_bounded(path, 16 << 20, "expected scores").decode("utf-8"))
+    except (ValueError, TpsurgeryError) as exc:
         raise DataError(f"cannot read expected scores {path}: {exc}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("expected"), dict):
         raise DataError(f"{path}: expected {{'expected': {{recipe: {{'scores': {{task: score}}}}}}}}")
+    tol = obj.get("tol", DEFAULT_TOL)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise DataError(f"{path}: tol must be a number >= 0 (got {tol!r})")
+    for name, entry in obj["expected"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("scores"), dict):
+            got = f"keys: {', '.join(map(str, entry))}" if isinstance(entry, dict) else type(entry).__name__
+            raise DataError(f'{path}: expected.{name}: needs "scores": {{task: score}} (got {got})')
+        for task, score in entry["scores"].items():
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+                raise DataError(f"{path}: expected.{name}.scores.{task}: a number or null (got {score!r})")
+        if "recipe_hash" in entry and not isinstance(entry["recipe_hash"], str):
+            raise DataError(f"{path}: expected.{name}.recipe_hash: a string (got {entry['recipe_hash']!r})")
     return obj
 
 
@@ -83,9 +109,10 @@ def compare(runs: Sequence[dict[str, Any]], expected: dict[str, Any], tol: float
     for name, entry in expected["expected"].items():
         want_hash = entry.get("recipe_hash")
         run = by_name.get(name) or (by_hash.get(want_hash) if want_hash else None) or by_hash.get(name)
-        if run is not None and want_hash and run["recipe"].get("hash") != want_hash:
-            checks.append(Check(name, "<recipe hash>", None, None, "mismatch"))
-            continue
+        if run is not None and want_hash and run["recipe"].get("hash") != want_hash:  # said, and scores still checked
+            checks.append(Check(name, "<recipe hash>", None, None, "mismatch",
+                                f"{name}: the recipe hash is {run['recipe'].get('hash')}, expected {want_hash} (the "
+                                "recipe changed, or tpsurgery added a recipe field)"))
         for task, want in entry["scores"].items():
             got = None if run is None else run["scores"].get(task)
             if got is None or want is None or math.isnan(got):
@@ -115,6 +142,7 @@ def report(checks: Sequence[Check]) -> str:
     lines = [f"{'recipe':<{w1}}  {'task':<{w2}}  expected     got    diff  status"]
     for c in checks:
         lines.append(f"{c.recipe:<{w1}}  {c.task:<{w2}}  {num(c.expected)}{num(c.got)}{num(c.diff)}  {c.status}")
+    lines += [c.note for c in checks if c.note]
     return "\n".join(lines)
 
 

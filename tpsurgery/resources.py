@@ -132,12 +132,18 @@ def caller_indices(rows, todo: Sequence[str], texts: Sequence[str]) -> list[int]
 
 
 def non_finite_rows(values: torch.Tensor) -> list[int]:
-    """Rows (first axis) with a NaN or inf anywhere.
+    """Rows (first axis) with a NaN or inf anywhere, or a vector (last axis) that is exactly zero: an overflow in
+    the final norm (``x / sqrt(mean(x**2))`` with ``x**2`` infinite) gives all-zero embeddings, which have no direction
+    and are as wrong as NaN.
 
-    >>> non_finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [2.0, float("inf")]]))
-    [1, 2]
+    >>> non_finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [2.0, float("inf")], [0.0, 0.0]]))
+    [1, 2, 3]
     """
-    return (~torch.isfinite(values.reshape(len(values), -1))).any(1).nonzero()[:, 0].tolist()
+    flat = values.reshape(len(values), -1)
+    bad = ~torch.isfinite(flat).all(1)
+    if values.dim() >= 2 and values.shape[-1] > 0:
+        bad |= (values == 0).all(-1).reshape(len(values), -1).any(1)
+    return bad.nonzero()[:, 0].tolist()
 
 
 def at_user_index(exc: TpsurgeryError, done: Sequence[str], texts: Sequence[str]) -> TpsurgeryError:
@@ -184,8 +190,9 @@ def eval_mode(model: Any) -> Iterator[None]:
 def non_finite_message(indices: Sequence[int]) -> str:
     """The warning for embeddings that came out NaN or infinite (a float16 overflow, a broken model)."""
     shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
-    return (f"the embeddings of {len(indices)} input(s) are not finite (NaN or inf; inputs {shown}): the model "
-            "overflowed or is broken; try float32 or bfloat16")
+    return (f"the embeddings of {len(indices)} input(s) are not finite or all zero (NaN, inf, or an overflow in the "
+            f"final norm; inputs {shown}): the model overflowed or is broken (a huge `scale` factor?); try float32 "
+            "or bfloat16")
 
 
 @contextlib.contextmanager

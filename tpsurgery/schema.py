@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 def _no_bool(value: Any) -> Any:
@@ -30,6 +30,15 @@ def _no_bool(value: Any) -> Any:
 
 
 NUM = BeforeValidator(_no_bool)
+
+
+def _seed_range(value: int) -> int:
+    if not -(2**63) <= value <= 2**64 - 1:  # what torch.manual_seed accepts
+        raise ValueError(f"a seed must fit in 64 bits (-2**63 .. 2**64 - 1), got {value}")
+    return value
+
+
+SEED = AfterValidator(_seed_range)
 
 
 class Frozen(BaseModel):
@@ -88,7 +97,7 @@ class EditSpec(Frozen):
     factor: _FINITE | None = None
     eps: Annotated[float, Field(ge=0.0, allow_inf_nan=False), NUM] = 0.0
     value: Union[Literal["zeros", "ones", "uniform", "gaussian"], tuple[_FINITE, ...], None] = None
-    seed: Annotated[int, NUM] = 0
+    seed: Annotated[int, NUM, SEED] = 0
     mean: _FINITE = 0.0
     std: Annotated[float, Field(gt=0.0, allow_inf_nan=False), NUM] = 1.0
     mode: Literal["last_token", "sentence"] | None = None

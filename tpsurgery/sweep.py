@@ -42,7 +42,7 @@ from .plan import compile_plan
 from .resources import renumbered
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe
 from .sharing import encode_schedules, layer_runs, share_groups
-from .sweep_store import base_recipe, sweep_path
+from .sweep_store import base_recipe, pairs_digest, sweep_path
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class SweepResult:
     rows: list[dict[str, Any]]
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # digest of the scored pairs (:func:`~tpsurgery.sweep_store.pairs_digest`): keys the stored sweep
 
     def best(self) -> "Best":
         """The best cell, labelled (ties: the earliest row, then the smallest M)."""
@@ -87,19 +88,29 @@ class SweepResult:
                 return row["scores"]
         raise InputError(None, f"no sweep row labelled {label!r}; rows: {', '.join(r['label'] for r in self.rows)}")
 
+    def row_recipe(self, row: int, exit_layer: int) -> Recipe:
+        """The recipe that computes cell (``row``, ``exit_layer``) exactly: the row's TP schedule, its placeholder
+        (the 'no TP' baseline hides the placeholder: ``placeholder.mask: all``) and the exit as ``hidden_states``
+        index."""
+        changes: dict[str, Any] = {"tp": self.rows[row]["tp"], "exit_layer": exit_layer}
+        mask = self.rows[row].get("placeholder_mask")
+        if mask is not None:
+            changes["placeholder"] = {**self.recipe.placeholder.model_dump(mode="json"), "mask": mask}
+        return self.recipe.replace(**changes)
+
     def best_recipe(self) -> Recipe:
-        """The swept recipe with the best TP schedule and exit layer filled in (exit as ``hidden_states`` index)."""
+        """The swept recipe that recreates the best cell exactly (:meth:`row_recipe`), named and described."""
         b = self.best()
         name = (self.recipe.name or "recipe") + "-swept"
         desc = (f"{self.recipe.description} Sweep on {self.task} ({self.n_pairs} pairs, {self.model}): "
                 f"{b.label}, exit hidden_states[{b.exit_layer}] -> {b.score:.2f}").strip()
-        return self.recipe.replace(tp=b.tp, exit_layer=b.exit_layer, name=name, description=desc)
+        return self.row_recipe(b.row, b.exit_layer).replace(name=name, description=desc)
 
     def to_dict(self) -> dict[str, Any]:
         r, m, score = (b := self.best()).row, b.exit_layer, b.score
         return {"tpsurgery_sweep": 1, "model": self.model, "fingerprint": self.fingerprint,
                 "recipe": self.recipe.to_dict(), "recipe_hash": base_recipe(self.recipe).hash(), "task": self.task,
-                "n_pairs": self.n_pairs, "n_layers": self.n_layers, "rows": self.rows,
+                "n_pairs": self.n_pairs, "data": self.data, "n_layers": self.n_layers, "rows": self.rows,
                 "best": {"row": r, "label": self.rows[r]["label"], "exit_layer": m, "score": score},
                 "seconds": round(self.seconds, 3), **self.extra}
 
@@ -120,8 +131,8 @@ class SweepResult:
         ax.set_xlabel("exit layer M (hidden_states[M])")
         r, m, score = (b := self.best()).row, b.exit_layer, b.score
         ax.add_patch(Rectangle((m - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        ax.set_title(f"{self.task} Spearman x100 - {self.model}; best {score:.2f} ({self.rows[r]['label']}, M={m})",
-                     fontsize=9)
+        ax.set_title(f"{self.task} ({self.n_pairs} pairs) Spearman x100 - {self.model}; best {score:.2f} "
+                     f"({self.rows[r]['label']}, M={m})", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = Path(path)
@@ -131,7 +142,7 @@ class SweepResult:
 
     def store(self, path: str | os.PathLike | None = None) -> Path:
         """Save the JSON (default: :func:`sweep_path` in the cache, where ``exit_layer: auto`` finds it)."""
-        target = Path(path) if path is not None else sweep_path(self.fingerprint, self.recipe)
+        target = Path(path) if path is not None else sweep_path(self.fingerprint, self.recipe, self.task, self.data)
         return _atomic_write_text(target, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
@@ -243,12 +254,12 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
                       "inf) at some layer; those cells score NaN (None)", UserWarning, stacklevel=2)
     for row, row_slots in zip(rows, slots):
         scores = spearman100(cos[:, list(row_slots)], pairs.gold)
-        row["scores"] = [None if np.isnan(x) else round(float(x), 4) for x in scores]
+        row["scores"] = [None if np.isnan(x) else float(x) for x in scores]  # unrounded: best.yaml recreates it
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     work = {"backend": embedder.backend.name, "layer_forwards_per_batch": layer_runs(plans, resume),
             "layer_forwards_per_batch_unshared": layer_runs(plans, resume=False)}
     return SweepResult(name, model_fingerprint(embedder.model), recipe, pairs.name, len(pairs), embedder.n_layers,
-                       rows, time.perf_counter() - t0, extra=work)
+                       rows, time.perf_counter() - t0, extra=work, data=pairs_digest(pairs))
 
 
 def _chunks(pairs: Any, cap: int) -> list[tuple[int, int]]:

@@ -56,6 +56,106 @@ def iter_lines(path: str | os.PathLike) -> Iterator[str]:
                 raise _unreadable(path, f"line {n + 1}: {exc}") from None
 
 
+STDIN_NAMES = ("-", "/dev/stdin", "/proc/self/fd/0", "/dev/fd/0")
+
+
+def _kind(mode: int) -> str:
+    import stat
+
+    return ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+            "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+
+
+def is_stdin(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names standard input: ``-``, or ``/dev/stdin`` when that is not a regular file (a pipe)."""
+    import stat
+
+    if str(path) not in STDIN_NAMES:
+        return False
+    if str(path) == "-":
+        return True
+    try:
+        return not stat.S_ISREG(os.fstat(0).st_mode)
+    except OSError:
+        return False
+
+
+def check_regular(path: str | os.PathLike, what: str = "--input") -> Path:
+    """``path`` if it is a regular file (symlinks followed); a device, FIFO or socket is refused before it is opened
+    (``/dev/zero`` would be read until memory runs out, a FIFO without a writer hangs).
+
+    >>> check_regular("/dev/null")
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.InputError: --input /dev/null is a character device, not a regular file; give a text file (standard input: --input -)
+    """
+    import stat
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) if what == "--input" else InputError(None, f"cannot read {what} {path}: {exc}") \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        hint = "; give a text file (standard input: --input -)" if what == "--input" else ""
+        head = f"{what} {path} is" if what == "--input" else f"cannot read {what} {path}: it is"
+        raise InputError(None, f"{head} {_kind(st.st_mode)}, not a regular file{hint}")
+    return path
+
+
+def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them (more is an error): the bound holds whatever
+    the file's size says (``/proc`` files and devices report 0)."""
+    path = check_regular(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(None, f"cannot read {what} {path}: {exc}") from None
+    if len(data) > limit:
+        raise InputError(None, f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+class InputSnapshot:
+    """The input file's identity when it was counted: reading it later checks it is still that file, unchanged
+    (a file that shrinks or grows during a run would give rows that are not its lines)."""
+
+    def __init__(self, path: Path):
+        st = os.stat(path)
+        self.path, self.key = path, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check(self, lines_read: int, lines_counted: int) -> None:
+        try:
+            st = os.stat(self.path)
+            now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        if now != self.key or lines_read != lines_counted:
+            raise InputError(None, f"--input {self.path} changed while it was read ({lines_counted} lines counted, "
+                                   f"{lines_read} read); nothing was written. Embed a copy that nothing writes to")
+
+
+def spool_stdin(output: Path) -> Path:
+    """Standard input copied, once, into a temporary file beside ``output`` (removed by the caller, or as an orphan by
+    the next run): a pipe can be read only once, and the embedding needs the line count first."""
+    import sys
+
+    fd, tmp = temp_file(output)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(output, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def count_lines(path: str | os.PathLike) -> int:
     """How many lines :func:`iter_lines` yields, in one fast pass over the bytes that also checks they are UTF-8
     (so a bad file fails before any model is loaded)."""
@@ -140,25 +240,46 @@ def temp_file(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
-def _write_error(path: Path, exc: OSError) -> InputError:
+def _write_error(path: Path, exc: OSError, what: str = "--output") -> InputError:
     why = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large for this file system / limit",
            errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or exc)
-    return InputError(None, f"cannot write --output {path}: {why}")
+    return InputError(None, f"cannot write {what} {path}: {why}")
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """Fail before any work when ``path`` cannot be written: a folder, a folder that cannot be made or written to.
-    Orphaned temporary files of ``path`` from killed runs are removed."""
+def check_output(path: str | os.PathLike, input: str | os.PathLike | None = None, what: str = "--output") -> Path:
+    """Fail before any work when ``path`` cannot be written: a folder, a folder that cannot be made or written to,
+    an existing file that is not a regular file (``/dev/null``, a FIFO: it would be replaced by a regular file), the
+    ``input`` file itself. A symlink at ``path`` is replaced by the new file (its target is left alone), as ``mv``
+    would. Orphaned temporary files of ``path`` from killed runs are removed."""
+    import stat
+
     path = Path(path)
     if path.is_dir():
-        raise InputError(None, f"--output {path} is a folder; give a file name, e.g. {path / 'embeddings.npy'}")
+        raise InputError(None, f"{what} {path} is a folder; give a file name, e.g. {path / 'embeddings.npy'}")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        raise InputError(None, f"{what} {path} is {_kind(st.st_mode)}, not a regular file: writing there would "
+                               "replace it; give a file name")
+    if input is not None and st is not None and not is_stdin(input):
+        try:
+            same = os.path.samefile(path, input)
+        except OSError:
+            same = False
+        if same:
+            raise InputError(None, f"{what} {path} is the input file: it would be replaced by the embeddings; give "
+                                   "another file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = temp_file(path)
-        os.close(fd)
-        tmp.unlink()
+        try:
+            os.close(fd)
+        finally:  # also when a signal lands here
+            tmp.unlink()
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise _write_error(path, exc, what) from None
     clean_orphans(path.parent, path.name)
     return path
 
@@ -202,8 +323,9 @@ class NpyWriter:
         self.shape = tuple(shape)
         self.row_bytes = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
         fd, self.tmp = temp_file(self.path)
-        self.file: Any = os.fdopen(fd, "r+b")
+        self.file: Any = None
         try:
+            self.file = os.fdopen(fd, "r+b")
             header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
             np.lib.format.write_array_header_1_0(self.file, header)
             self.offset = self.file.tell()

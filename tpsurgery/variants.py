@@ -118,7 +118,9 @@ class VariantSweeps:
     def table(self) -> str:
         """A markdown table: one line per variant and TP row, score at the recipe's exit and at the best exit."""
         at = f"hidden_states[{self.exit_layer}]" if self.exit_layer is not None else "recipe exit"
-        lines = [f"| variant | row | {at} | best exit M | best |", "|---|---|---|---|---|"]
+        first = self.sweeps[0] if self.sweeps else None
+        head = [f"{first.task} Spearman x100, {first.n_pairs} pairs, {first.model}", ""] if first is not None else []
+        lines = [*head, f"| variant | row | {at} | best exit M | best |", "|---|---|---|---|---|"]
         for label, res in zip(self.labels, self.sweeps):
             for row in res.rows:
                 s = np.array(row["scores"], dtype=np.float64)
@@ -127,8 +129,22 @@ class VariantSweeps:
                 lines.append(f"| {label} | {row['label']} | {own:.2f} | {m} | {s[m]:.2f} |")
         return "\n".join(lines) + "\n"
 
+    def best(self) -> tuple[int, Any]:
+        """``(k, best)``: the variant ``k`` whose sweep holds the best cell of all, and that cell
+        (:meth:`tpsurgery.sweep.SweepResult.best`; ties: the first variant)."""
+        cells = [(res.best(), k) for k, res in enumerate(self.sweeps)]
+        b, k = max(cells, key=lambda c: (c[0].score, -c[1]))
+        return k, b
+
+    def best_recipe(self) -> Recipe:
+        """The recipe that recreates the best cell of every variant exactly (variant, TP row, exit layer)."""
+        k, _ = self.best()
+        return self.sweeps[k].best_recipe()
+
     def to_dict(self) -> dict[str, Any]:
-        return {"exit_layer": self.exit_layer,
+        k, b = self.best()
+        return {"exit_layer": self.exit_layer, "best": {"variant": self.labels[k], "label": b.label,
+                                                         "exit_layer": b.exit_layer, "score": b.score},
                 "variants": [{"label": label, **res.to_dict()} for label, res in zip(self.labels, self.sweeps)]}
 
     def curves(self, path: str | Path) -> Path:
@@ -159,14 +175,17 @@ class VariantSweeps:
         return path
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """``variants.json``, ``variants.md`` and ``curves.png`` in ``out_dir``."""
+        """``variants.json``, ``variants.md``, ``curves.png`` and ``best.yaml`` (the best cell of all variants,
+        :meth:`best_recipe`) in ``out_dir``."""
+        from .recipe import dump_recipe
         from .textio import atomic_write
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "variants.json", (json.dumps(self.to_dict(), indent=1) + "\n").encode())
         atomic_write(out / "variants.md", self.table().encode())
-        return {"json": out / "variants.json", "table": out / "variants.md", "curves": self.curves(out / "curves.png")}
+        return {"json": out / "variants.json", "table": out / "variants.md", "curves": self.curves(out / "curves.png"),
+                "best": atomic_write(out / "best.yaml", dump_recipe(self.best_recipe()))}
 
 
 def run_variants(model: Any, recipe: Recipe, vary: dict[str, list], pairs: Any, **sweep_kw: Any) -> VariantSweeps:

@@ -11,7 +11,7 @@ True
 >>> check_versions({"transformers": "5.16.0", "nnsight": "0.8.1"})
 Traceback (most recent call last):
 ...
-tpsurgery.errors.ModelError: transformers 5.16.0 is installed, but tpsurgery is verified only with transformers>=5.17.0,<6 (embeddings from other versions may be wrong): pip install 'transformers>=5.17.0,<6'
+tpsurgery.errors.ModelError: transformers 5.16.0 is installed, but tpsurgery is verified only with transformers>=5.17.0,<6 (embeddings from other versions may be wrong): pip install 'transformers>=5.17.0,<6' (or set TPSURGERY_UNVERIFIED_VERSIONS=1 to run anyway, at your own risk)
 """
 
 from __future__ import annotations
@@ -34,19 +34,43 @@ def _installed(package: str) -> str | None:
         return None
 
 
+OVERRIDE = "TPSURGERY_UNVERIFIED_VERSIONS"
+
+
 def check_versions(installed: Mapping[str, str | None] | None = None) -> None:
     """Raise :class:`ModelError` naming the installed and the supported versions when one is outside
-    :data:`VERIFIED` (``installed``: name -> version, default: what is installed)."""
-    from packaging.version import Version
+    :data:`VERIFIED` (``installed``: name -> version, default: what is installed). Pre-releases of the first
+    excluded version (``6.0.0.dev0``, ``6.0rc1``) are outside too; a version string that is not PEP 440 is refused.
+    ``TPSURGERY_UNVERIFIED_VERSIONS=1`` turns the refusal into a warning (at your own risk).
+
+    >>> check_versions({"transformers": "6.0.0.dev0", "nnsight": "0.8.1"})
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.ModelError: transformers 6.0.0.dev0 is installed, but tpsurgery is verified only with transformers>=5.17.0,<6 (embeddings from other versions may be wrong): pip install 'transformers>=5.17.0,<6' (or set TPSURGERY_UNVERIFIED_VERSIONS=1 to run anyway, at your own risk)
+    """
+    import os
+    import warnings
+
+    from packaging.version import InvalidVersion, Version
 
     for package, (low, high) in VERIFIED.items():
         version = installed.get(package) if installed is not None else _installed(package)
         if version is None:
             continue  # not installed: its own import fails with a clearer message
-        if not Version(low) <= Version(version) < Version(high):
-            spec = f"{package}>={low},<{high}"
-            raise ModelError(f"{package} {version} is installed, but tpsurgery is verified only with {spec} "
-                             f"(embeddings from other versions may be wrong): pip install '{spec}'")
+        spec = f"{package}>={low},<{high}"
+        try:
+            v = Version(version)
+            ok = Version(low) <= v and Version(v.base_version) < Version(high)  # 6.0.0.dev0 is a 6, not a 5
+        except InvalidVersion:
+            ok = False
+        if ok:
+            continue
+        msg = (f"{package} {version} is installed, but tpsurgery is verified only with {spec} (embeddings from "
+               f"other versions may be wrong): pip install '{spec}'")
+        if os.environ.get(OVERRIDE, "") not in ("", "0"):
+            warnings.warn(msg + f" ({OVERRIDE} is set: running anyway)", UserWarning, stacklevel=3)
+            continue
+        raise ModelError(msg + f" (or set {OVERRIDE}=1 to run anyway, at your own risk)")
 
 
 @functools.lru_cache(maxsize=None)
