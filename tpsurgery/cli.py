@@ -26,10 +26,12 @@ app.add_typer(recipes_app, name="recipes")
 
 from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
                        regress, sweep)  # (evaluation commands)
+from .cli_stats import compare  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
 app.command()(regress)
+app.command()(compare)  # (tpsurgery.cli_stats: paired-bootstrap differences)
 
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML file or shipped recipe name")
 

@@ -241,11 +241,14 @@ def regress(
     expected: Path = typer.Argument(..., help="expected-scores JSON"),
     tol: Optional[float] = typer.Option(None, help="allowed drop in score points (default: the file's tol, else 0.5)"),
     strict: bool = typer.Option(False, help="also fail when a score rose by more than tol"),
+    interval: bool = typer.Option(False, "--interval", help="tolerance from the results' bootstrap 95% interval: "
+                                  "a regression when the expected score lies above the interval (tol where a run "
+                                  "has none)"),
 ) -> None:
     """Compare results with expected scores; exit code 1 on a regression."""
     from .evaluation import read_results
     from .regression import compare, failed, load_expected, report
 
-    checks = compare(read_results(results), load_expected(expected), tol, strict)
+    checks = compare(read_results(results), load_expected(expected), tol, strict, interval=interval)
     typer.echo(report(checks))
     raise typer.Exit(1 if failed(checks) else 0)
