@@ -151,10 +151,18 @@ def explain(
     model: str = MODEL_OPT,
     backend: str = BACKEND_OPT,
 ) -> None:
-    """Show the tokens, placeholder positions, layer schedule and exit layer a recipe gives a sentence."""
-    from .api import apply
+    """Show the tokens, placeholder positions, layer schedule and exit layer a recipe gives a sentence, and the edits
+    that cannot act on this model (tpsurgery.effects: e.g. a scale before Gemma2's post-attention norm)."""
+    import warnings
 
-    typer.echo(apply(model, recipe, backend=backend).explain(text))
+    from .api import apply
+    from .effects import InertEditWarning, describe_inert, inert_edits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InertEditWarning)  # shown below, as a section
+        emb = apply(model, recipe, backend=backend)
+    typer.echo(emb.explain(text))
+    typer.echo(describe_inert(inert_edits(emb)))
 
 
 @app.command()
