@@ -74,9 +74,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread: bool = False, hub: bool = False):
+def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread: bool | str = False,
+              hub: bool = False):
     """Load a task's data by name (see :data:`TASKS`); ``limit`` keeps the first pairs / lines per split, or with
-    ``spread`` that many evenly spaced ones (every sub-set / genre represented; :func:`tpsurgery.data.spread`).
+    ``spread`` that many evenly spaced ones: ``True`` / ``"order"`` in file order (every sub-set / genre
+    represented), ``"gold"`` over the gold-score range (:func:`tpsurgery.data.spread`).
 
     ``hub``: an STS set whose file no data folder holds comes from MTEB's Hugging Face hub copy (:mod:`tpsurgery.hub`).
     """
@@ -95,7 +97,7 @@ def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread
         if name not in HUB_TASKS:
             raise D.DataNotFound(f"{exc}; {name} has no hub copy (hub tasks: {', '.join(HUB_TASKS)})") from exc
         data = load_hub(name, first)
-    return D.spread(data, limit) if spread else data
+    return D.spread(data, limit, by="order" if spread is True else spread) if spread else data
 
 
 def encode_union(encoder: Any, texts: Sequence[str], batch_size: int = 32, progress: bool | None = None,
