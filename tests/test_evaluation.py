@@ -236,10 +236,13 @@ def test_results_record_json_and_table(tiny, tmp_path):
     assert set(run["versions"]) >= {"torch", "transformers", "nnsight", "tpsurgery"}
     path = write_results(tmp_path / "out" / "r.json", [run])
     assert read_results(path) == json.loads(json.dumps([run]))
-    table = markdown_table([run, {**run, "recipe": {"name": "other"}, "scores": {"sts13": 1.0}}])
+    other = {k: v for k, v in run.items() if k not in ("uncertainty", "pairs")}
+    table = markdown_table([run, {**other, "recipe": {"name": "other"}, "scores": {"sts13": 1.0}}])
     rows = table.splitlines()
     assert rows[0] == "| Method | STS13 | STS-B | MR | Avg. |" and rows[3].endswith("| 1.00 | - | - | - |")
-    assert rows[2].split(" | ")[-1] == f"{np.mean(list(run['scores'].values())):.2f} |"
+    assert rows[2].split(" | ")[-1] == f"{np.mean(list(run['scores'].values())):.2f} |"  # MR: no average interval
+    lo, hi = run["uncertainty"]["tasks"]["stsb"]["interval"]
+    assert f"{run['scores']['stsb']:.2f} [{lo:.1f}, {hi:.1f}]" in rows[2] and "MR" not in run["pairs"]
 
 
 def test_every_task_has_metadata_and_loads():

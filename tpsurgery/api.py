@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .embedder import Embedder
+from .effects import warn_inert
 from .errors import ModelError
 from .models import DEFAULT_MODEL, load_model
 from .library import load_recipe
@@ -109,6 +110,8 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
     ``max_length``: at most this many tokens per prompt (longer sentences are cut, with a warning), like
     sentence-transformers' ``max_seq_length``; default and upper bound: the model's limit.
 
+    Warns (:class:`~tpsurgery.effects.InertEditWarning`) about edits the model cancels (:mod:`tpsurgery.effects`).
+
     Refuses (:class:`ModelError`) a transformers or nnsight outside the verified versions
     (:data:`tpsurgery.versions.VERIFIED`).
 
@@ -130,8 +133,10 @@ def apply(model: Any, recipe: Recipe | str | os.PathLike | dict, *, tokenizer: A
         engine = NNsightBackend(hf_model, envoy=envoy)
     # the best exit layer of a stored sweep (tpsurgery sweep) for `exit_layer: auto`
     exit_layer = resolve_auto_exit(hf_model, recipe) if recipe.exit_layer == "auto" else None
-    return Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
-                    embedding_cache=embedding_cache, exit_layer=exit_layer, max_length=max_length)
+    emb = Embedder(hf_model, tokenizer, recipe, engine, spec=engine.spec, prefix_cache=prefix_cache,
+                   embedding_cache=embedding_cache, exit_layer=exit_layer, max_length=max_length)
+    warn_inert(emb)  # an edit the model cancels (e.g. a scale before Gemma2's post-attention norm): one warning
+    return emb
 
 
 def _transformer_lens(model: Any, tokenizer: Any, backend: str | None) -> tuple[Any, Any, Any]:

@@ -26,10 +26,12 @@ app.add_typer(recipes_app, name="recipes")
 
 from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
                        regress, required, sweep)  # (evaluation commands)
+from .cli_stats import compare  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
 app.command()(regress)
+app.command()(compare)  # (tpsurgery.cli_stats: paired-bootstrap differences)
 
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped recipe name")
 
@@ -187,10 +189,18 @@ def explain(
     model: str = MODEL_OPT,
     backend: str = BACKEND_OPT,
 ) -> None:
-    """Show the tokens, placeholder positions, layer schedule and exit layer a recipe gives a sentence."""
-    from .api import apply
+    """Show the tokens, placeholder positions, layer schedule and exit layer a recipe gives a sentence, and the edits
+    that cannot act on this model (tpsurgery.effects: e.g. a scale before Gemma2's post-attention norm)."""
+    import warnings
 
-    typer.echo(apply(model, recipe, backend=backend).explain(text))
+    from .api import apply
+    from .effects import InertEditWarning, describe_inert, inert_edits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InertEditWarning)  # shown below, as a section
+        emb = apply(model, recipe, backend=backend)
+    typer.echo(emb.explain(text))
+    typer.echo(describe_inert(inert_edits(emb)))
 
 
 @app.command()

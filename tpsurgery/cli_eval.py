@@ -97,7 +97,7 @@ def _split_tasks(text: str, kind: str) -> list[str]:
 
 def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Path]], tasks: str, limit: Optional[int],
               batch_size: int, output: Optional[Path], markdown: Optional[Path], progress: bool, kfold: int = 10,
-              n_jobs: int = 1, device: Optional[str] = None, spread: bool = False, hub: bool = False,
+              n_jobs: int = 1, device: Optional[str] = None, spread: bool | str = False, hub: bool = False,
               backend: str = "nnsight", standardize: bool = True, resume: bool = True) -> None:
     from .api import apply, resolve_model
     from .distributed import ShardedEncoder, process_group, rank_device, world_from_env
@@ -118,9 +118,14 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
     with process_group(world):
         for r in recipes:
             emb = apply(hf_model, r, tokenizer=tok, backend=backend, embedding_cache=cache)
-            runs.append(evaluate(ShardedEncoder(emb, world) if world.size > 1 else emb, names, dirs,
-                                 model_name=model, limit=limit, batch_size=batch_size, progress=progress and world.main,
-                                 kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub, standardize=standardize))
+            kw = dict(model_name=model, limit=limit, batch_size=batch_size, progress=progress and world.main,
+                      kfold=kfold, n_jobs=n_jobs, spread=spread, hub=hub, standardize=standardize)
+            if output and world.size == 1:  # each finished task is written at once; a rerun skips it
+                from .resumable import evaluate_into
+
+                runs.append(evaluate_into(output, emb, names, dirs, log=lambda m: typer.echo(m, err=True), **kw)[0])
+            else:
+                runs.append(evaluate(ShardedEncoder(emb, world) if world.size > 1 else emb, names, dirs, **kw))
             if world.main:
                 typer.echo(f"{emb.recipe.name or r}: " + ", ".join(_score(t, v) for t, v in
                                                                   runs[-1]["scores"].items())
@@ -151,7 +156,19 @@ RECIPES_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recip
 DATA_OPT = typer.Option(None, "--data-dir", "-d", help=DATA_HELP)
 LIMIT_OPT = typer.Option(None, help="use only the first N pairs (STS) / lines per split or class (transfer)")
 SPREAD_OPT = typer.Option(False, "--spread", help="with --limit N: N evenly spaced pairs / lines instead of the "
-                          "first N (every sub-set / genre / class represented)")
+                          "first N (--spread-by: in file order or over the gold-score range)")
+SPREAD_BY_OPT = typer.Option("order", "--spread-by", help="with --spread: 'order' (evenly spaced in file order: every "
+                             "sub-set / genre / class represented) or 'gold' (evenly spaced quantiles of the gold "
+                             "score / label, kept in file order)")
+
+
+def spread_mode(spread: bool, by: str):
+    """The ``spread`` argument of :func:`tpsurgery.evaluation.load_task` (``True`` is file order)."""
+    from .data import SPREAD_MODES
+
+    if by not in SPREAD_MODES:
+        raise InputError(None, f"--spread-by {by!r}; choose from {', '.join(SPREAD_MODES)}")
+    return (True if by == "order" else by) if spread else False
 HUB_OPT = typer.Option(False, "--hub", help="STS sets that no --data-dir holds come from MTEB's Hugging Face hub "
                        "copies (pinned revisions; online; STS-B there is cased, SentEval's is tokenized)")
 OUT_OPT = typer.Option(None, "--output", "-o", help="results JSON to write")
@@ -168,6 +185,7 @@ def eval_sts(
     tasks: str = typer.Option("sts12,sts13,sts14,sts15,sts16,stsb,sickr", help="comma-separated; also stsb-dev"),
     limit: Optional[int] = LIMIT_OPT,
     spread: bool = SPREAD_OPT,
+    spread_by: str = SPREAD_BY_OPT,
     hub: bool = HUB_OPT,
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     output: Optional[Path] = OUT_OPT,
@@ -177,7 +195,7 @@ def eval_sts(
 ) -> None:
     """STS: cosine similarity, Spearman x100 (STS12-16 in the 'all' setting); unique sentences embedded once."""
     _evaluate("sts", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, device=device,
-              spread=spread, hub=hub, backend=backend, resume=resume)
+              spread=spread_mode(spread, spread_by), hub=hub, backend=backend, resume=resume)
 
 
 @eval_app.command("transfer")
@@ -190,6 +208,7 @@ def eval_transfer(
     tasks: str = typer.Option("mr,cr,subj,mpqa,sst2,trec,mrpc", help="comma-separated transfer tasks"),
     limit: Optional[int] = LIMIT_OPT,
     spread: bool = SPREAD_OPT,
+    spread_by: str = SPREAD_BY_OPT,
     batch_size: int = typer.Option(32, help="sentences per forward pass"),
     kfold: int = typer.Option(10, help="folds of the SentEval cross-validation"),
     n_jobs: int = typer.Option(1, help="parallel logistic-regression fits (joblib)"),
@@ -202,7 +221,8 @@ def eval_transfer(
 ) -> None:
     """Transfer: logistic regression on frozen embeddings (SentEval protocol), accuracy x100."""
     _evaluate("transfer", recipe, model, data_dir, tasks, limit, batch_size, output, markdown, progress, kfold, n_jobs,
-              device=device, spread=spread, backend=backend, standardize=standardize, resume=resume)
+              device=device, spread=spread_mode(spread, spread_by), backend=backend, standardize=standardize,
+              resume=resume)
 
 
 def sweep(
@@ -214,6 +234,7 @@ def sweep(
     task: str = typer.Option("stsb-dev", help="STS task to tune on (never a test set for reported numbers)"),
     limit: Optional[int] = LIMIT_OPT,
     spread: bool = SPREAD_OPT,
+    spread_by: str = SPREAD_BY_OPT,
     hub: bool = HUB_OPT,
     stops: Optional[str] = typer.Option(None, help="TP stop layers k, e.g. '2-8' or '2,4,8' (default: all)"),
     starts: str = typer.Option("1", help="TP start layers, e.g. '0,1'"),
@@ -240,7 +261,7 @@ def sweep(
     grid = parse_vary(vary or [])
     if grid:
         variants(as_recipe(recipe), grid)  # every variant is a valid recipe before any model is loaded
-    pairs = load_task(task, data_dirs(data_dir, hub), limit, spread, hub)
+    pairs = load_task(task, data_dirs(data_dir, hub), limit, spread_mode(spread, spread_by), hub)
     with quiet(not progress):
         hf_model, tok, _ = resolve_model(model, device=device)
     kw = dict(stops=parse_ints(stops) if stops else None, starts=parse_ints(starts), alphas=parse_floats(alphas),
@@ -272,6 +293,9 @@ def regress(
                                         "(pin today's scores for CI; with --tol as its tolerance) instead of comparing"),
     with_hash: bool = typer.Option(False, "--with-hash", help="with --write-expected: also pin each recipe's hash "
                                    "(a changed recipe then fails as 'mismatch')"),
+    interval: bool = typer.Option(False, "--interval", help="tolerance from the results' bootstrap 95% interval: "
+                                  "a regression when the expected score lies above the interval (tol where a run "
+                                  "has none)"),
 ) -> None:
     """Compare results with expected scores: exit code 1 on a regression, 2 on an unreadable or malformed file."""
     import json
@@ -290,6 +314,6 @@ def regress(
         return
     if with_hash:
         raise InputError(None, "--with-hash only goes with --write-expected")
-    checks = compare(runs, load_expected(expected), tol, strict)
+    checks = compare(runs, load_expected(expected), tol, strict, interval=interval)
     typer.echo(report(checks))
     raise typer.Exit(1 if failed(checks) else 0)

@@ -273,23 +273,43 @@ def _spread_index(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int)) if k < n else np.arange(n)
 
 
-def spread(data: PairSet | ClassificationSet, k: int) -> PairSet | ClassificationSet:
-    """``k`` evenly spaced items (per split), so every sub-set / genre / class of a file is represented.
+SPREAD_MODES = ("order", "gold")
+
+
+def _by_value(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of ``k`` items at evenly spaced quantiles of ``values`` (stable sort: ties keep file order), returned
+    in file order."""
+    order = np.argsort(values, kind="stable")
+    return np.sort(order[_spread_index(len(values), k)])
+
+
+def spread(data: PairSet | ClassificationSet, k: int, by: str = "order") -> PairSet | ClassificationSet:
+    """``k`` evenly spaced items (per split).
+
+    ``by="order"``: evenly spaced in file order, so every sub-set / genre / class of a file is represented.
+    ``by="gold"``: evenly spaced quantiles of the gold score (labels for transfer tasks): the items sorted by gold
+    score (ties in file order), then every ``(n - 1) / (k - 1)``-th one, rounded, kept in file order; the gold-score
+    distribution of the subset follows the file's, whatever the file's order. Both are deterministic.
 
     >>> dev = load_stsb(["../shared/data/senteval"], "dev")
     >>> small = spread(dev, 200)
     >>> len(small), len(set(small.subset)), small.a[0] == dev.a[0]    # all 6 genre/source sub-sets of STS-B dev
     (200, 6, True)
+    >>> by_gold = spread(dev, 200, by="gold")
+    >>> len(by_gold), float(by_gold.gold.min()) == float(dev.gold.min()), float(by_gold.gold.max()) == float(dev.gold.max())
+    (200, True, True)
     """
     if not isinstance(k, int) or k < 1:
         raise DataError(f"spread: the number of items must be a positive integer, got {k!r}")
+    if by not in SPREAD_MODES:
+        raise DataError(f"spread: unknown mode {by!r}; choose from {', '.join(SPREAD_MODES)}")
     if isinstance(data, PairSet):
-        i = _spread_index(len(data), k)
+        i = _spread_index(len(data), k) if by == "order" else _by_value(data.gold, k)
         return PairSet(data.name, tuple(data.a[j] for j in i), tuple(data.b[j] for j in i), data.gold[i],
                        tuple(data.subset[j] for j in i), data.files, data.origin)
     splits = {}
     for name, sp in data.splits.items():
-        i = _spread_index(len(sp), k)
+        i = _spread_index(len(sp), k) if by == "order" else _by_value(sp.y, k)
         splits[name] = Split(tuple(sp.a[j] for j in i), sp.y[i], None if sp.b is None else tuple(sp.b[j] for j in i))
     return ClassificationSet(data.name, splits, data.n_classes, data.files)
 

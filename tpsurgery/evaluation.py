@@ -74,9 +74,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread: bool = False, hub: bool = False):
+def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread: bool | str = False,
+              hub: bool = False):
     """Load a task's data by name (see :data:`TASKS`); ``limit`` keeps the first pairs / lines per split, or with
-    ``spread`` that many evenly spaced ones (every sub-set / genre represented; :func:`tpsurgery.data.spread`).
+    ``spread`` that many evenly spaced ones: ``True`` / ``"order"`` in file order (every sub-set / genre
+    represented), ``"gold"`` over the gold-score range (:func:`tpsurgery.data.spread`).
 
     ``hub``: an STS set whose file no data folder holds comes from MTEB's Hugging Face hub copy (:mod:`tpsurgery.hub`).
     """
@@ -95,7 +97,7 @@ def load_task(name: str, data_dirs: D.DataDirs, limit: int | None = None, spread
         if name not in HUB_TASKS:
             raise D.DataNotFound(f"{exc}; {name} has no hub copy (hub tasks: {', '.join(HUB_TASKS)})") from exc
         data = load_hub(name, first)
-    return D.spread(data, limit) if spread else data
+    return D.spread(data, limit, by="order" if spread is True else spread) if spread else data
 
 
 def encode_union(encoder: Any, texts: Sequence[str], batch_size: int = 32, progress: bool | None = None,
@@ -142,14 +144,24 @@ def evaluate_sts(encoder: Any, sets: Sequence[D.PairSet], batch_size: int = 32, 
 
     With ``all_layers=True`` (an Embedder), each score is an array over exit layers ``hidden_states[0..M]``.
     """
+    return {name: spearman100(cos, s.gold) for (name, cos), s in
+            zip(sts_cosines(encoder, sets, batch_size, progress, **encode_kwargs).items(), sets)}
+
+
+def sts_cosines(encoder: Any, sets: Sequence[D.PairSet], batch_size: int = 32, progress: bool | None = None,
+                **encode_kwargs: Any) -> dict[str, np.ndarray]:
+    """The pair cosines of each set (``[n]``, or ``[n, L]`` with ``all_layers``), from ONE encode call."""
     texts = [t for s in sets for t in (*s.a, *s.b)]
     emb, row = encode_union(encoder, texts, batch_size, progress, **encode_kwargs)
-    scores: dict[str, Any] = {}
-    for s in sets:
-        ea = emb[[row[t] for t in s.a]]
-        eb = emb[[row[t] for t in s.b]]
-        scores[s.name] = spearman100(cosine(ea, eb), s.gold)
-    return scores
+    return {s.name: cosine(emb[[row[t] for t in s.a]], emb[[row[t] for t in s.b]]) for s in sets}
+
+
+def kept_pairs(s: D.PairSet, cos: np.ndarray) -> dict[str, Any]:
+    """What a results run keeps of an STS task: pair cosines (8 decimals), gold scores, and the pairs' hash."""
+    from .stats import pairs_hash
+
+    return {"n": len(s), "sha256": pairs_hash(s.a, s.b, s.gold), "gold": [float(g) for g in s.gold],
+            "cosine": [round(float(c), 8) for c in cos]}
 
 
 # -- transfer -----------------------------------------------------------------------------------------------------------
@@ -250,19 +262,26 @@ def versions() -> dict[str, str]:
 
 
 def data_provenance(sets: Sequence[Any], limit: int | None, names: Sequence[str] | None = None,
-                    spread: bool = False) -> dict[str, Any]:
+                    spread: bool | str = False) -> dict[str, Any]:
     """Per task (``names``, default the sets' names): files read with SHA-256 prefixes, item count, ``limit``."""
     return {n: {"files": {str(p): D.file_hash(p) for p in s.files}, "n": len(s) if isinstance(s, D.PairSet)
-                     else {k: len(v) for k, v in s.splits.items()}, "limit": limit, **({"spread": True} if spread else {}),
+                     else {k: len(v) for k, v in s.splits.items()}, "limit": limit, **({"spread": spread} if spread else {}),
                      **({"hub": s.origin} if getattr(s, "origin", "") else {})}
             for n, s in zip(names or [s.name for s in sets], sets)}
 
 
 def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], sets: Sequence[Any],
                seconds: float, limit: int | None = None, details: dict | None = None,
-               names: Sequence[str] | None = None, spread: bool = False,
-               backend: str | None = None) -> dict[str, Any]:
-    """One results entry: model, backend, recipe (name, hash, body), scores, data hashes, versions, seconds."""
+               names: Sequence[str] | None = None, spread: bool | str = False,
+               backend: str | None = None, pairs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One results entry: model, backend, recipe (name, hash, body), scores, data hashes, versions, seconds.
+
+    ``pairs`` (STS tasks: :func:`kept_pairs`) are kept, and give each STS score and their average a bootstrap 95%
+    interval (``uncertainty``; :func:`tpsurgery.stats.uncertainty`).
+    """
+    from .stats import uncertainty
+
+    extra = {"uncertainty": uncertainty(pairs), "pairs": pairs} if pairs else {}
     return {
         "model": model,
         **({"backend": backend} if backend else {}),
@@ -274,12 +293,13 @@ def run_record(model: str, recipe: Any, kind: str, scores: dict[str, float], set
         "versions": versions(),
         "seconds": round(seconds, 3),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }
 
 
 def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, model_name: str | None = None,
              limit: int | None = None, batch_size: int = 32, progress: bool | None = None, kfold: int = 10,
-             n_jobs: int = 1, spread: bool = False, hub: bool = False, standardize: bool = True) -> dict[str, Any]:
+             n_jobs: int = 1, spread: bool | str = False, hub: bool = False, standardize: bool = True) -> dict[str, Any]:
     """Load ``tasks`` (STS and/or transfer names), evaluate an :class:`~tpsurgery.Embedder`, return a run record.
 
     ``limit``: the first N pairs / lines per split; with ``spread``, N evenly spaced ones; ``hub``: STS sets missing
@@ -291,9 +311,12 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
     transfer = [i for i, t in enumerate(tasks) if TASKS[t].kind == "transfer"]
     scores: dict[str, float] = {}
     details: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}
     if sts:
-        got = evaluate_sts(embedder, [sets[i] for i in sts], batch_size, progress)
-        scores.update({tasks[i]: got[sets[i].name] for i in sts})
+        cos = sts_cosines(embedder, [sets[i] for i in sts], batch_size, progress)
+        for i in sts:
+            scores[tasks[i]] = spearman100(cos[sets[i].name], sets[i].gold)
+            pairs[tasks[i]] = kept_pairs(sets[i], cos[sets[i].name])
     if transfer:
         got_t = evaluate_transfer(embedder, [sets[i] for i in transfer], batch_size, progress, kfold, n_jobs,
                                   standardize)
@@ -305,7 +328,7 @@ def evaluate(embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *, mode
     name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
     return run_record(name, embedder.recipe, kind, {t: scores[t] for t in tasks}, sets,
                       time.perf_counter() - t0, limit, details, names=list(tasks), spread=spread,
-                      backend=embedder.backend.name)
+                      backend=embedder.backend.name, pairs=pairs)
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -333,16 +356,32 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def markdown_table(runs: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None) -> str:
-    """A table like the paper's Table 1: one row per run, one column per task, and the average."""
+    """A table like the paper's Table 1: one row per run, one column per task, and the average.
+
+    A run with bootstrap intervals (``uncertainty``) shows each STS score as ``score [low, high]``; the average's
+    interval is shown when the run's intervals cover exactly the table's tasks.
+
+    >>> run = {"recipe": {"name": "r"}, "scores": {"stsb-dev": 70.0},
+    ...        "uncertainty": {"tasks": {"stsb-dev": {"interval": [68.1, 71.9]}}, "average": {"interval": [68.1, 71.9]}}}
+    >>> print(markdown_table([run]).splitlines()[-1])
+    | r | 70.00 [68.1, 71.9] | 70.00 [68.1, 71.9] |
+    """
     if tasks is None:
         tasks = list(dict.fromkeys(t for r in runs for t in r["scores"]))
     titles = [TASKS[t].title if t in TASKS else t for t in tasks]
     lines = ["| Method | " + " | ".join(titles) + " | Avg. |", "|---" * (len(tasks) + 2) + "|"]
+
+    def cell(v, iv):
+        return "-" if v is None else f"{v:.2f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else "")
+
     for r in runs:
+        unc = r.get("uncertainty") or {}
+        ivs = {t: u.get("interval") for t, u in unc.get("tasks", {}).items()}
         vals = [r["scores"].get(t) for t in tasks]
-        cells = [f"{v:.2f}" if v is not None else "-" for v in vals]
+        cells = [cell(v, ivs.get(t)) for t, v in zip(tasks, vals)]
         have = [v for v in vals if v is not None]
-        avg = f"{np.mean(have):.2f}" if have and len(have) == len(vals) else "-"
+        avg_iv = unc.get("average", {}).get("interval") if set(ivs) == set(tasks) else None
+        avg = cell(float(np.mean(have)), avg_iv) if have and len(have) == len(vals) else "-"
         lines.append(f"| {r['recipe'].get('name') or r['recipe'].get('hash', '?')} | " + " | ".join(cells)
                      + f" | {avg} |")
     limited = {t: d for r in runs for t, d in (r.get("data") or {}).items() if d.get("limit") is not None}

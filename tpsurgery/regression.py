@@ -96,11 +96,19 @@ def expected_from_runs(runs: Sequence[dict[str, Any]], tol: float = DEFAULT_TOL,
 
 
 def compare(runs: Sequence[dict[str, Any]], expected: dict[str, Any], tol: float | None = None,
-            strict: bool = False) -> list[Check]:
+            strict: bool = False, interval: bool = False) -> list[Check]:
     """Check every expected (recipe, task) score against the runs.
 
     A drop by more than ``tol`` is ``regressed``; a rise by more than ``tol`` is ``improved`` (a failure only when
     ``strict``: the golden file is then out of date, or the behaviour changed). ``tol`` defaults to the file's.
+    ``interval``: where a run has a bootstrap interval for the task (:mod:`tpsurgery.stats`), the tolerance is the
+    distance from its score to the interval's end (below for drops, above for rises) instead of ``tol``.
+
+    >>> run = {"recipe": {"name": "r"}, "scores": {"t": 70.0}, "uncertainty": {"tasks": {"t": {"interval": [68.5, 71.0]}}}}
+    >>> [c.status for c in compare([run], {"expected": {"r": {"scores": {"t": 71.4}}}}, tol=0.5, interval=True)]
+    ['regressed']
+    >>> [c.status for c in compare([run], {"expected": {"r": {"scores": {"t": 70.9}}}}, tol=0.5, interval=True)]
+    ['ok']
     """
     tol = float(expected.get("tol", DEFAULT_TOL) if tol is None else tol)
     by_name = {r["recipe"].get("name"): r for r in runs}
@@ -115,11 +123,13 @@ def compare(runs: Sequence[dict[str, Any]], expected: dict[str, Any], tol: float
                                 "recipe changed, or tpsurgery added a recipe field)"))
         for task, want in entry["scores"].items():
             got = None if run is None else run["scores"].get(task)
+            iv = run.get("uncertainty", {}).get("tasks", {}).get(task, {}).get("interval") if interval and run else None
+            down, up = (got - iv[0], iv[1] - got) if iv and got is not None else (tol, tol)
             if got is None or want is None or math.isnan(got):
                 checks.append(Check(name, task, want, got, "missing"))
-            elif got < want - tol:
+            elif got < want - up:  # the expected score lies above the run's interval
                 checks.append(Check(name, task, want, got, "regressed"))
-            elif got > want + tol:
+            elif got > want + down:
                 checks.append(Check(name, task, want, got, "improved" + (" (strict)" if strict else "")))
             else:
                 checks.append(Check(name, task, want, got, "ok"))
