@@ -9,7 +9,7 @@ edits take from auxiliary prompt runs are captured first, by a trace of each run
 Plain runs (``run``, not a resumed part of a shared sweep) take the trace-free fast path by default: the same edits,
 captures and early exit with PyTorch hooks on the touched modules only (:mod:`tpsurgery.backends.hooked`), bit-identical
 to the trace without nnsight's per-module wrappers (docs/performance.md). ``backend.fast_path = False`` traces every
-batch.
+batch; so does a model that carries foreign PyTorch hooks or nnsight edits (:mod:`tpsurgery.foreign`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from ..arch import ArchSpec, arch_for, attn_out_module, get_path
 from ..errors import BackendError, TpsurgeryError
+from ..foreign import carried
 from ..plan import Batch, Plan
 from ..prefix import Prefix
 from ..masks import layer_masks, mask_position, replace_mask
@@ -110,7 +111,8 @@ class NNsightBackend:
                 raise BackendError("prefix reuse cannot be combined with attention-mask edits")
             kwargs = prefix.model_inputs(batch, device)
         try:
-            if self.fast_path and not start and not keep:
+            # foreign hooks / nnsight edits: the trace path, which honours both in one order (tpsurgery.foreign)
+            if self.fast_path and not start and not keep and not carried(self.model, self._envoy).any:
                 return self._hooked(plan, on_device, all_layers, kwargs, device), {}
             return self._trace(plan, batch, all_layers, kwargs, start, hidden, keep)
         except TpsurgeryError:
