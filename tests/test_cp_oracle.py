@@ -19,6 +19,7 @@ from cp_oracle import CP, O_PROJ, aux_row, cp_edit, cp_hidden, edited_row, o_pro
 from prop_support import decoder_parts, model_for
 from tpsurgery.prompts import encode_prompts
 from tpsurgery.testing import ARCHS, tiny_model
+from tpsurgery.foreign import observer
 
 PROMPT = 'This sentence : "{text}" means in one word:"'
 AUX = 'The irrelevant information of this sentence : "{text}" means in one word:"'
@@ -57,7 +58,7 @@ def _slices(model, h, hd, nh, group):
 
 def _site_input(model, ids):
     got = []
-    handle = o_proj_module(model, LAYER).register_forward_pre_hook(lambda m, a: got.append(a[0][0].clone()))
+    handle = o_proj_module(model, LAYER).register_forward_pre_hook(observer(lambda m, a: got.append(a[0][0].clone())))
     try:
         with torch.no_grad():
             model(input_ids=ids)
@@ -161,7 +162,7 @@ def test_aux_run_stops_at_layer_l_and_keeps_the_complete_runs_row(arch):
     aux = rows(tok, AUX)
     layers = decoder_parts(model)[0]
     entered = [0] * len(layers)
-    handles = [m.register_forward_pre_hook(lambda mod, a, i=i: entered.__setitem__(i, entered[i] + 1))
+    handles = [m.register_forward_pre_hook(observer(lambda mod, a, i=i: entered.__setitem__(i, entered[i] + 1)))
                for i, m in enumerate(layers)]
     try:
         b = aux_row(model, aux, 2)
@@ -170,7 +171,7 @@ def test_aux_run_stops_at_layer_l_and_keeps_the_complete_runs_row(arch):
             h.remove()
     assert entered == [1, 1, 1, 0]
     full = []
-    handle = o_proj_module(model, 2).register_forward_pre_hook(lambda m, a: full.append(a[0][0, -1].clone()))
+    handle = o_proj_module(model, 2).register_forward_pre_hook(observer(lambda m, a: full.append(a[0][0, -1].clone())))
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([aux.ids]))

@@ -18,7 +18,8 @@ honours them or refuses, never ignores them (:func:`check`):
 * ``encode`` inside the body of a user's ``with lm.trace(...)`` cannot work (a trace cannot be nested in a trace's
   body): :func:`check_not_in_trace` says so and what to do instead.
 
-Hooks transformers installs itself (its inert output-capturing hooks) do not count.
+Hooks transformers installs itself (its inert output-capturing hooks) do not count, nor do hooks marked with
+:func:`observer` (a logger, a profiler, a probe: hooks that only watch).
 
 >>> from tpsurgery.testing import tiny_model
 >>> model = tiny_model("llama", n_layers=2)[0]
@@ -35,6 +36,7 @@ False
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,29 @@ def _name(fn: Any) -> str:
 
 
 def _inert(fn: Any) -> bool:
+    if getattr(fn, "__tpsurgery_observer__", False):
+        return True
     return (getattr(getattr(fn, "func", fn), "__module__", None) or "").startswith(INERT_HOOK_MODULES)
+
+
+def observer(hook: Any) -> Any:
+    """``hook`` marked as one that only watches (returns None, writes nothing in place): tpsurgery then ignores it, so
+    the model keeps the fast path, the embedding cache and prompt-prefix reuse. A marked hook that does change values
+    makes embeddings depend on the path taken and the cache stale: mark only watchers.
+
+    >>> from tpsurgery.testing import tiny_model
+    >>> model, seen = tiny_model("llama", n_layers=1)[0], []
+    >>> h = model.model.layers[0].register_forward_hook(observer(lambda mod, args, out: seen.append(out.shape)))
+    >>> carried(model).any
+    False
+    >>> h.remove()
+    """
+    @functools.wraps(hook)
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        return hook(*args, **kwargs)
+
+    watching.__tpsurgery_observer__ = True  # type: ignore[attr-defined]
+    return watching
 
 
 @dataclass(frozen=True)
