@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..arch import ArchSpec, arch_for, attn_out_module, get_path
+from ..arch import ArchSpec, arch_for, attn_out_module, embed_site, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..foreign import carried
 from ..plan import Batch, Plan
@@ -149,7 +149,8 @@ class NNsightBackend:
     def _site(self, site: str, layers: Any, i: int) -> Any:
         """The envoy value of a site (read access)."""
         if site == "embed":
-            return get_path(self.envoy, self.spec.embed).output
+            path, where = embed_site(self.spec)
+            return getattr(get_path(self.envoy, path), where)
         if site == "layer_in":
             return layers[i].input
         if site == "attn_out_in":
@@ -159,7 +160,8 @@ class NNsightBackend:
     def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, start: int = 0,
                hidden: torch.Tensor | None = None, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
         layers = get_path(self.envoy, self.spec.layers)
-        embed = get_path(self.envoy, self.spec.embed)
+        embed, embed_at = embed_site(self.spec)
+        embed = get_path(self.envoy, embed)  # the `embed` site: embedding output or layer 0's input (Granite)
         norm = get_path(self.envoy, self.spec.norm)
         tuple_out = self.spec.tuple_output
         m = plan.exit_layer
@@ -174,7 +176,7 @@ class NNsightBackend:
             skipped = (hidden,) if tuple_out else hidden
         with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
             if not start and by_layer.get(0, {}).get("embed"):
-                embed.output = apply_edits(embed.output, by_layer[0]["embed"], batch, captured)
+                setattr(embed, embed_at, apply_edits(getattr(embed, embed_at), by_layer[0]["embed"], batch, captured))
             for i in range(plan.layers_run):
                 if i < start:  # resumed: these layers do not run; the last one "returns" hidden_states[start]
                     layers[i].skip(skipped)
