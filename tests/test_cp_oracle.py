@@ -104,7 +104,9 @@ def test_o_proj_table_names_the_concatenated_heads_input(arch):
                 p.data.copy_(d)
 
     cols = [slice(j * hd, (j + 1) * hd) for j in range(nh)]
-    for h in range(nh):  # a query head's change moves exactly its own columns (position 0 attends only itself)
+    # a query head's change moves exactly its own columns (position 0 attends only itself); OLMo-2 RMS-normalizes the
+    # whole query projection (q_norm over all heads), which couples the heads' queries, so only its values are checked
+    for h in range(nh) if arch != "olmo2" else ():
         new = with_edit(_slices(model, h, hd, nh, False), lambda t, i: t.__setitem__(i, t[i] * 3 + 0.5))
         assert [not torch.allclose(new[1:, c], base[1:, c]) for c in cols] == [j == h for j in range(nh)]
         torch.testing.assert_close(new[0], base[0])
