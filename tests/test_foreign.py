@@ -205,3 +205,17 @@ def test_transformer_lens_on_a_copy_refuses_hooks_added_after_apply():
     finally:
         h.remove()
     assert emb.encode(TEXTS).shape == (len(TEXTS), 32)
+
+
+def test_a_users_bridge_honours_its_hooks_and_caches_without_them(tmp_path):
+    model, tok = tiny_model("llama", n_layers=4)
+    bridge = tpsurgery.apply(model, {}, tokenizer=tok, backend="transformer_lens").backend.bridge
+    emb = tpsurgery.apply(bridge, R, tokenizer=tok, embedding_cache=tmp_path)
+    bare = emb.encode(TEXTS)  # TransformerLens wires its own capture hooks on this first run: they do not count
+    h = bridge.blocks[1].hook_resid_pre.register_forward_hook(lambda m, args, out: out * 2)
+    try:
+        with pytest.warns(UserWarning, match="embedding cache is not used"):
+            assert np.abs(emb.encode(TEXTS) - bare).max() > 1e-3
+    finally:
+        h.remove()
+    assert _same(emb.encode(TEXTS), bare) and emb.embedding_cache.hits == len(TEXTS)

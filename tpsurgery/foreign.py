@@ -18,7 +18,7 @@ honours them or refuses, never ignores them (:func:`check`):
 * ``encode`` inside the body of a user's ``with lm.trace(...)`` cannot work (a trace cannot be nested in a trace's
   body): :func:`check_not_in_trace` says so and what to do instead.
 
-Hooks transformers installs itself (its inert output-capturing hooks) do not count, nor do hooks marked with
+Hooks transformers and TransformerLens install themselves (:data:`INERT_HOOK_MODULES`) do not count, nor do hooks marked with
 :func:`observer` (a logger, a profiler, a probe: hooks that only watch).
 
 >>> from tpsurgery.testing import tiny_model
@@ -42,9 +42,11 @@ from typing import Any
 
 from .errors import ModelError, TpsurgeryError
 
-#: modules whose hook functions are inert bookkeeping, not model changes (transformers' output capturing: it records
-#: hidden states only while ``output_hidden_states`` is asked for, and tpsurgery never asks)
-INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
+#: modules whose hook functions are the libraries' own wiring, not model changes: transformers' output capturing (it
+#: records hidden states only while ``output_hidden_states`` is asked for, and tpsurgery never asks) and a
+#: TransformerLens bridge's capture hooks (``BlockBridge._maybe_wire_capture_hooks``, installed on the first run: they
+#: route values through the bridge's hook points, where hooks a user adds with ``add_hook`` do count)
+INERT_HOOK_MODULES = ("transformers.utils.output_capturing", "transformer_lens.model_bridge")
 
 _KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
 
