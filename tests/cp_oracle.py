@@ -33,7 +33,9 @@ EPS = 1e-7  # the official code's epsilon (activation_intervention/__init__.py, 
 
 _LLAMA_LIKE = "self_attn.o_proj"
 O_PROJ: dict[str, str] = {  # config.model_type -> path of the o_proj-like module relative to one decoder layer
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                                "mixtral", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite", "cohere", "stablelm",
+                                "starcoder2", "smollm3")},
     "gpt2": "attn.c_proj",             # Conv1D; NOT mlp.c_proj
     "gpt_neox": "attention.dense",
     "opt": "self_attn.out_proj",

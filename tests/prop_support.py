@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tpsurgery.testing import BOS, tiny_model
+from tpsurgery.foreign import observer
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # the tiny tokenizer parses these as special tokens
 MARKER = "<PST>"
@@ -226,16 +227,16 @@ class Probe:
 
     def __enter__(self):
         add = self._handles.append
-        add(self.model.register_forward_pre_hook(self._top, with_kwargs=True))
+        add(self.model.register_forward_pre_hook(observer(self._top), with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            add(layer.register_forward_pre_hook(functools.partial(self._enter, i)))
-            add(layer.register_forward_hook(functools.partial(self._out, i)))
+            add(layer.register_forward_pre_hook(observer(functools.partial(self._enter, i))))
+            add(layer.register_forward_hook(observer(functools.partial(self._out, i))))
             for sub in layer.modules():
                 if sub is not layer:
-                    add(sub.register_forward_pre_hook(functools.partial(self._sub, i), with_kwargs=True))
-        add(self.norm.register_forward_pre_hook(self._norm))
+                    add(sub.register_forward_pre_hook(observer(functools.partial(self._sub, i)), with_kwargs=True))
+        add(self.norm.register_forward_pre_hook(observer(self._norm)))
         if self.head is not None:
-            add(self.head.register_forward_pre_hook(self._head))
+            add(self.head.register_forward_pre_hook(observer(self._head)))
         return self
 
     def __exit__(self, *exc):
@@ -337,7 +338,7 @@ def raising_on_call(module, n: int, exc=RuntimeError):
         if count[0] == n:
             raise exc(f"injected failure on call {n}")
 
-    h = module.register_forward_pre_hook(hook)
+    h = module.register_forward_pre_hook(observer(hook))
     try:
         yield count
     finally:
@@ -367,10 +368,10 @@ class AttentionProbe:
 
     def __enter__(self):
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(functools.partial(self._enter, i)))
+            self._handles.append(layer.register_forward_pre_hook(observer(functools.partial(self._enter, i))))
             for sub in layer.modules():
                 if sub is not layer:
-                    self._handles.append(sub.register_forward_hook(functools.partial(self._out, i)))
+                    self._handles.append(sub.register_forward_hook(observer(functools.partial(self._out, i))))
         return self
 
     def __exit__(self, *exc):

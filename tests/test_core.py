@@ -13,6 +13,7 @@ from tpsurgery.prompts import encode_prompts
 from tpsurgery.testing import tiny_model
 
 from recipe_oracle import oracle_embed
+from tpsurgery.foreign import observer
 
 def assert_rel_close(got, want, tol=1e-5):
     """Max abs difference relative to the largest magnitude of the reference, row by row (float32 rounding)."""
@@ -126,7 +127,7 @@ def test_model_untouched_after_an_error_inside_the_trace():
         if calls["n"] == 2:
             raise RuntimeError("injected failure")
 
-    h = model.model.layers[1].register_forward_pre_hook(boom)
+    h = model.model.layers[1].register_forward_pre_hook(observer(boom))
     try:
         with pytest.raises(tpsurgery.BackendError, match="injected failure"):
             emb.encode(TEXTS, batch_size=2)

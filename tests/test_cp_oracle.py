@@ -19,6 +19,7 @@ from cp_oracle import CP, O_PROJ, aux_row, cp_edit, cp_hidden, edited_row, o_pro
 from prop_support import decoder_parts, model_for
 from tpsurgery.prompts import encode_prompts
 from tpsurgery.testing import ARCHS, tiny_model
+from tpsurgery.foreign import observer
 
 PROMPT = 'This sentence : "{text}" means in one word:"'
 AUX = 'The irrelevant information of this sentence : "{text}" means in one word:"'
@@ -57,7 +58,7 @@ def _slices(model, h, hd, nh, group):
 
 def _site_input(model, ids):
     got = []
-    handle = o_proj_module(model, LAYER).register_forward_pre_hook(lambda m, a: got.append(a[0][0].clone()))
+    handle = o_proj_module(model, LAYER).register_forward_pre_hook(observer(lambda m, a: got.append(a[0][0].clone())))
     try:
         with torch.no_grad():
             model(input_ids=ids)
@@ -103,7 +104,9 @@ def test_o_proj_table_names_the_concatenated_heads_input(arch):
                 p.data.copy_(d)
 
     cols = [slice(j * hd, (j + 1) * hd) for j in range(nh)]
-    for h in range(nh):  # a query head's change moves exactly its own columns (position 0 attends only itself)
+    # a query head's change moves exactly its own columns (position 0 attends only itself); OLMo-2 RMS-normalizes the
+    # whole query projection (q_norm over all heads), which couples the heads' queries, so only its values are checked
+    for h in range(nh) if arch != "olmo2" else ():
         new = with_edit(_slices(model, h, hd, nh, False), lambda t, i: t.__setitem__(i, t[i] * 3 + 0.5))
         assert [not torch.allclose(new[1:, c], base[1:, c]) for c in cols] == [j == h for j in range(nh)]
         torch.testing.assert_close(new[0], base[0])
@@ -161,7 +164,7 @@ def test_aux_run_stops_at_layer_l_and_keeps_the_complete_runs_row(arch):
     aux = rows(tok, AUX)
     layers = decoder_parts(model)[0]
     entered = [0] * len(layers)
-    handles = [m.register_forward_pre_hook(lambda mod, a, i=i: entered.__setitem__(i, entered[i] + 1))
+    handles = [m.register_forward_pre_hook(observer(lambda mod, a, i=i: entered.__setitem__(i, entered[i] + 1)))
                for i, m in enumerate(layers)]
     try:
         b = aux_row(model, aux, 2)
@@ -170,7 +173,7 @@ def test_aux_run_stops_at_layer_l_and_keeps_the_complete_runs_row(arch):
             h.remove()
     assert entered == [1, 1, 1, 0]
     full = []
-    handle = o_proj_module(model, 2).register_forward_pre_hook(lambda m, a: full.append(a[0][0, -1].clone()))
+    handle = o_proj_module(model, 2).register_forward_pre_hook(observer(lambda m, a: full.append(a[0][0, -1].clone())))
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([aux.ids]))

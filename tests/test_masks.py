@@ -23,6 +23,7 @@ from tpsurgery.recipe import parse_recipe
 from tpsurgery.testing import tiny_model
 
 from recipe_oracle import additive, oracle_embed, rule
+from tpsurgery.foreign import observer
 
 N = 4
 TEXTS = ["a b c.", "the cat sat on the mat.", "xy"]
@@ -139,7 +140,7 @@ def _layer0_states(hf, tok, recipe, texts):
     """Output of decoder layer 0 for each text (captured by a plain forward hook during encode), right-aligned:
     the prompt prefix may come from a cache, so index positions from the end."""
     calls, seen = [], []
-    h = hf.model.layers[0].register_forward_hook(lambda m, a, out: calls.append(out.detach().clone()))
+    h = hf.model.layers[0].register_forward_hook(observer(lambda m, a, out: calls.append(out.detach().clone())))
     try:
         emb = tpsurgery.apply(hf, recipe, tokenizer=tok)
         for t in texts:

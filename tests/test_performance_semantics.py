@@ -11,6 +11,7 @@ import torch
 
 import tpsurgery
 from tpsurgery.testing import tiny_model
+from tpsurgery.foreign import observer
 
 KE = ('The essence of a sentence is often captured by its main subjects and actions. With this in mind , '
       'this sentence : <PST> "{text}" means in one word:"')
@@ -133,7 +134,7 @@ def _count_calls(model):
             "norm": tpsurgery.arch.get_path(model, spec.norm),
             "lm_head": model.get_output_embeddings()}
     calls = dict.fromkeys(mods, 0)
-    handles = [m.register_forward_pre_hook(lambda mod, args, k=k: calls.__setitem__(k, calls[k] + 1))
+    handles = [m.register_forward_pre_hook(observer(lambda mod, args, k=k: calls.__setitem__(k, calls[k] + 1)))
                for k, m in mods.items()]
     return calls, handles
 

@@ -24,6 +24,7 @@ from tpsurgery.sweep import run_sweep
 from tpsurgery.testing import tiny_model
 
 from test_prop_engine import rel_err
+from tpsurgery.foreign import observer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # truncation, dropped TP spans: expected here
 N = 4  # decoder layers of the property models
@@ -97,7 +98,7 @@ def test_shared_layers_are_not_run_again():
     plans = [compile_plan(emb.recipe.replace(tp={"start": 1, "stop": k}), 6, 32, emb.placeholder_id)
              for k in range(2, 7)]
     calls = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
+    hooks = [layer.mlp.register_forward_pre_hook(observer(lambda *a, i=i: calls.append(i)))
              for i, layer in enumerate(model.model.layers)]
     try:
         encode_schedules(emb, ["a b", "c d e", "f"], plans, batch_size=2)  # two batches

@@ -21,6 +21,7 @@ from tpsurgery.recipe import dump_recipe, parse_recipe
 from tpsurgery.testing import tiny_model
 
 from recipe_oracle import decoder_layers, oracle_embed
+from tpsurgery.foreign import observer
 
 NAMES = [name for name, _ in list_recipes()]
 ARCHS = ("llama", "qwen2", "gemma3", "gpt2", "gemma2", "phi3", "gpt_neox", "mistral")
@@ -175,7 +176,7 @@ def test_each_of_several_placeholders_receives_the_source_row(k):
                                                                              row.placeholders[0] + k))
     seen = []
     norm = decoder_layers(emb.model)[3].input_layernorm  # first thing layer 3 does with its (edited) input
-    h = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    h = norm.register_forward_pre_hook(observer(lambda m, args: seen.append(args[0].detach().clone())))
     try:
         emb.encode(TEXTS[0])
     finally:

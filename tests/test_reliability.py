@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import tpsurgery
 from tpsurgery.prompts import encode_prompts
 from tpsurgery.testing import PAD, tiny_config, tiny_model, tiny_tokenizer
+from tpsurgery.foreign import observer
 
 P = 'This sentence : <PST> "{text}" means in one word:"'
 REC = {"prompt": P, "tp": {"start": 0, "stop": 2}, "exit_layer": 3}
@@ -180,7 +181,7 @@ def test_out_of_memory_batches_are_split_in_halves_and_retried(message):
     emb = tpsurgery.apply(model, REC, tokenizer=tok)
     want = emb.encode(TEXTS, batch_size=7)
     seen: list = []
-    handle = model.model.layers[1].register_forward_pre_hook(_oom_hook(2, seen, message))
+    handle = model.model.layers[1].register_forward_pre_hook(observer(_oom_hook(2, seen, message)))
     try:
         with pytest.warns(UserWarning, match="out of memory with a batch of 7: retrying in batches of at most 4") as rec:
             got = emb.encode(TEXTS, batch_size=7)
@@ -200,7 +201,7 @@ def test_out_of_memory_for_a_single_input_names_it():
         if args[0].shape[1] > 40:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    handle = model.model.layers[0].register_forward_pre_hook(hook)
+    handle = model.model.layers[0].register_forward_pre_hook(observer(hook))
     try:
         with pytest.raises(tpsurgery.BackendError, match=r"^input 3: out of memory even in a batch of one") as info:
             emb.encode(["hi", "hi", "ok", "a much longer sentence than the others"], batch_size=4)
@@ -215,7 +216,7 @@ def test_other_runtime_errors_are_not_retried():
     emb = tpsurgery.apply(model, REC, tokenizer=tok)
     for max_rows in (0, 1):  # 0: also the one-row forward of the shared prompt prefix fails (tpsurgery.prefix)
         seen: list = []
-        handle = model.model.layers[1].register_forward_pre_hook(_oom_hook(max_rows, seen, "mat1 and mat2 shapes"))
+        handle = model.model.layers[1].register_forward_pre_hook(observer(_oom_hook(max_rows, seen, "mat1 and mat2 shapes")))
         try:
             with pytest.raises(tpsurgery.BackendError, match="mat1 and mat2") as info:
                 emb.encode(TEXTS, batch_size=7)
@@ -243,7 +244,7 @@ def test_errors_leave_no_hooks_and_identical_weights():
             raise KeyboardInterrupt
 
     for failure, expected in ((interrupt, KeyboardInterrupt), (_oom_hook(0, []), tpsurgery.BackendError)):
-        handle = model.model.layers[1].register_forward_pre_hook(failure)
+        handle = model.model.layers[1].register_forward_pre_hook(observer(failure))
         try:
             with pytest.raises(expected):
                 emb.encode(TEXTS, batch_size=3)
@@ -414,7 +415,7 @@ def test_ctrl_c_during_cli_embed_leaves_no_partial_output(tmp_path):
             if calls["n"] == 6:  # second batch, layer 1
                 raise KeyboardInterrupt
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(interrupt)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(observer(interrupt))
     try:
         result = CliRunner().invoke(app, args)
     finally:
@@ -464,7 +465,7 @@ def test_ctrl_c_keeps_finished_batches_in_the_cache_and_cache_files_are_private(
         if calls["n"] == 3:  # the third batch of two: two have finished
             raise KeyboardInterrupt
 
-    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
+    handle = model.model.layers[1].register_forward_pre_hook(observer(interrupt))
     try:
         with pytest.raises(KeyboardInterrupt):
             emb.encode(TEXTS, batch_size=2, max_tokens=10**6)
@@ -479,7 +480,7 @@ def test_ctrl_c_keeps_finished_batches_in_the_cache_and_cache_files_are_private(
     finally:
         con.close()
     calls["n"] = 0
-    handle = model.model.layers[1].register_forward_pre_hook(interrupt)  # counts the rerun's batches
+    handle = model.model.layers[1].register_forward_pre_hook(observer(interrupt))  # counts the rerun's batches
     try:
         got = emb.encode(TEXTS, batch_size=2, max_tokens=10**6)
     finally:

@@ -23,6 +23,7 @@ import tpsurgery
 from tpsurgery.batching import token_batches
 from tpsurgery.cli import app
 from tpsurgery.testing import tiny_model
+from tpsurgery.foreign import observer
 
 REC = {"prompt": 'This sentence : <PST> "{text}" means in one word:"', "tp": {"start": 0, "stop": 2}, "exit_layer": 3}
 
@@ -58,7 +59,7 @@ class _Forwards:
                 raise KeyboardInterrupt
 
     def __enter__(self):
-        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self)
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(observer(self))
         return self
 
     def __exit__(self, *exc):

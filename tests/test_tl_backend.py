@@ -20,6 +20,7 @@ import tpsurgery
 from tpsurgery.backends.tl_backend import TransformerLensBackend, boot_bridge, is_bridge
 from tpsurgery.errors import BackendError, ModelError, TpsurgeryError
 from tpsurgery.testing import tiny_model
+from tpsurgery.foreign import observer
 
 # random exit layers often cut TP spans short; compile_plan warns about that (tested elsewhere)
 pytestmark = pytest.mark.filterwarnings("ignore:tp.spans.*is dropped:UserWarning")
@@ -225,7 +226,7 @@ def test_a_users_bridge_is_left_as_found_also_after_a_failure():
 def test_layers_after_the_exit_and_the_unembedding_never_run():
     model, tok, bridge = tiny("llama")
     calls: dict = {}  # modules entered (block M is entered, then TL's stop_at_layer aborts it)
-    handles = [m.register_forward_pre_hook(lambda mod, a, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+    handles = [m.register_forward_pre_hook(observer(lambda mod, a, k=k: calls.__setitem__(k, calls.get(k, 0) + 1)))
                for k, m in [*((f"block{i}", b) for i, b in enumerate(bridge.blocks)),
                             ("ln_final", bridge.ln_final), ("unembed", bridge.unembed)]]
     try:

@@ -20,6 +20,7 @@ from typing import Any
 from .embedder import Embedder
 from .effects import warn_inert
 from .errors import ModelError
+from .foreign import check_copy
 from .models import DEFAULT_MODEL, load_model
 from .library import load_recipe
 from .recipe import Recipe, parse_recipe
@@ -144,8 +145,10 @@ def _transformer_lens(model: Any, tokenizer: Any, backend: str | None) -> tuple[
     from .backends.tl_backend import TransformerLensBackend, is_bridge
 
     if not is_bridge(model):
-        hf_model, tokenizer, _ = resolve_model(model, tokenizer)
+        hf_model, tokenizer, envoy = resolve_model(model, tokenizer)
+        check_copy(hf_model, envoy)  # refuse now what a bridged copy cannot honour (tpsurgery.foreign)
         engine = TransformerLensBackend.from_model(hf_model, tokenizer)
+        engine.copied_from = (hf_model, envoy)  # tpsurgery.foreign.check looks again at each encode
     elif backend not in (None, "transformer_lens"):
         raise ModelError(f"a TransformerBridge runs on the transformer_lens backend, not {backend!r} (booting "
                          "changed the wrapped model; pass the original transformers model for nnsight)")

@@ -4,8 +4,9 @@ Entries are keyed by (model fingerprint, tokenizer fingerprint, plan key, text).
 model class, its config, and the raw bytes of every parameter and buffer (SHA-256; about 1 s for SmolLM2-135M on
 CPU), memoized per model object for as long as no tensor was replaced or modified in place (torch bumps a tensor's
 version counter on every in-place write). The plan key covers the recipe's semantics (``Recipe.hash``), the compiled
-plan (resolved exit layer, TP layers, placeholder vector, ...), ``all_layers``, the backend, the device type and the
-tpsurgery version. Storage is one SQLite file; each ``put`` is one transaction, so a crash never leaves half an entry.
+plan (resolved exit layer, TP layers, placeholder vector, ...), ``all_layers``, the backend, the device type, the
+tpsurgery version, a fingerprint of tpsurgery's own sources and the versions of torch, transformers, nnsight and
+TransformerLens (:mod:`tpsurgery.buildinfo`: a development checkout stays one version across commits). Storage is one SQLite file; each ``put`` is one transaction, so a crash never leaves half an entry.
 
 Each row carries a digest of its key and bytes: a cache file that SQLite cannot read, or a row whose digest does not
 match (a garbled file), is never trusted: the file is moved aside (``embeddings.sqlite.corrupt-<time>``) with a
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .buildinfo import build_info
 from .errors import ModelError
 
 CACHE_FORMAT = 2  # 2: rows carry a digest (table emb2); format-1 rows are ignored
@@ -116,8 +118,8 @@ def plan_key(recipe: Any, plan: Any, *, all_layers: bool, backend: str, device: 
     fields = {k: v for k, v in vars(plan).items() if k != "init_vector"}
     iv = plan.init_vector
     fields["init_vector"] = None if iv is None else hashlib.sha256(iv.float().numpy().tobytes()).hexdigest()
-    body = dict(format=CACHE_FORMAT, version=__version__, recipe=recipe.hash(), plan=fields, all_layers=all_layers,
-                backend=backend, device=device)
+    body = dict(format=CACHE_FORMAT, version=__version__, build=build_info(), recipe=recipe.hash(), plan=fields,
+                all_layers=all_layers, backend=backend, device=device)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

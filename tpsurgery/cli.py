@@ -159,7 +159,11 @@ def _run_key(input: Path, emb: Any, model: str, normalize: bool) -> str:
     import hashlib
 
     st = input.stat()
-    fields = [str(input.resolve()), st.st_size, st.st_mtime_ns, emb.recipe.hash(), model, emb.backend.name, normalize]
+    from .buildinfo import build_info  # a part made by other tpsurgery code or libraries is never reused
+    from .cache import model_fingerprint
+
+    fields = [str(input.resolve()), st.st_size, st.st_mtime_ns, emb.recipe.hash(), model, emb.backend.name, normalize,
+              build_info(), model_fingerprint(emb.model)]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 

@@ -22,6 +22,7 @@ import torch
 from .arch import ArchSpec, arch_for, attn_out_module, get_path
 from .backends import Backend
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
+from . import foreign
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
 from .batching import default_budget, Progress, check_budget, token_batches
@@ -319,6 +320,10 @@ class Embedder:
         """Embeddings already in the on-disk cache, and the cache key (None without a cache)."""
         if self.embedding_cache is None:
             return {}, None
+        carried = foreign.check(self.backend)  # hooks or nnsight edits: their effect is no part of any key
+        if carried.any:
+            warnings.warn(foreign.cache_bypass_message(carried), UserWarning, stacklevel=3)
+            return {}, None
         from .cache import model_fingerprint, plan_key, tokenizer_fingerprint
 
         device = input_device(self.model, self.spec).type
@@ -332,6 +337,7 @@ class Embedder:
         """``encode_one(template, truncated)`` for each template on the distinct texts ``todo``, in eval mode; errors
         name indices of the caller's ``texts``. Returns the results and the caller's indices of truncated texts (one
         warning lists them unless ``warn`` is False)."""
+        foreign.check(self.backend)  # not inside a user's nnsight trace; a bridged copy carries nothing foreign
         truncated: set[int] = set()  # indices into todo, filled by encode_rows
         try:
             with eval_mode(self.model):  # a model left in training mode would apply dropout
@@ -403,8 +409,8 @@ class Embedder:
         enabled = self.prefix_cache
         if enabled is None:  # auto: measured to pay on the CPU, not on a GPU (docs/performance.md)
             enabled = input_device(self.model, self.spec).type == "cpu"
-        if not (enabled and self.backend.supports_prefix) or plan.needs_masks:
-            return None
+        if not (enabled and self.backend.supports_prefix) or plan.needs_masks or foreign.check(self.backend).any:
+            return None  # (the prefix is computed by a plain forward: without nnsight edits, hooks on other rows)
         n = shared_prefix_length(rows, plan.source)
         prefix = self._prefixes.get(rows[0].ids[:n]) if n > 0 else None
         if prefix is not None:

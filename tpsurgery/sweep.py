@@ -35,6 +35,7 @@ import numpy as np
 from .api import apply, as_recipe
 from .backends import ResumableBackend
 from .batching import Progress
+from .buildinfo import build_info
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
 from .errors import InputError, TpsurgeryError, import_extra
 from .evaluation import _atomic_write_text, cosine, spearman100
@@ -108,7 +109,7 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         r, m, score = (b := self.best()).row, b.exit_layer, b.score
-        return {"tpsurgery_sweep": 1, "model": self.model, "fingerprint": self.fingerprint,
+        return {"tpsurgery_sweep": 1, "model": self.model, "fingerprint": self.fingerprint, "build": build_info(),
                 "recipe": self.recipe.to_dict(), "recipe_hash": base_recipe(self.recipe).hash(), "task": self.task,
                 "n_pairs": self.n_pairs, "data": self.data, "n_layers": self.n_layers, "rows": self.rows,
                 "best": {"row": r, "label": self.rows[r]["label"], "exit_layer": m, "score": score},

@@ -4,6 +4,8 @@ A sweep (:mod:`tpsurgery.sweep`) is stored in the cache under the model's finger
 TP and exit layer removed (:func:`base_recipe`), so every TP schedule of one prompt finds the same folder, and the
 data it scored (task and a digest of the pairs: a ``--limit 60`` sweep never replaces the full-data one).
 ``exit_layer: auto`` reads the stored sweep with the most pairs (the newest of equals).
+A sweep stored by other tpsurgery code or other library versions (:func:`tpsurgery.buildinfo.build_info`, recorded in
+the file) still answers ``auto``, with a warning that its scores may be stale.
 
 >>> from tpsurgery.recipe import parse_recipe
 >>> a, b = parse_recipe("prompt: '<PST> {text}'\\ntp: {start: 1, stop: 3}"), parse_recipe("prompt: '<PST> {text}'")
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .buildinfo import build_info
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
 from .errors import RecipeError
 from .models import cache_dir
@@ -93,6 +97,10 @@ def resolve_auto_exit(model: Any, recipe: Recipe, path: str | os.PathLike | None
     if not p.is_file():
         raise RecipeError("exit_layer", f"'auto' needs a stored sweep for this model and recipe; none at {p}: {hint}")
     stored = json.loads(p.read_text(encoding="utf-8"))
+    if stored.get("build") != build_info():
+        warnings.warn(f"exit_layer 'auto': the sweep at {p} was stored by other tpsurgery code or library versions "
+                      f"({stored.get('build', 'not recorded')} vs {build_info()}); its best exit layer may be stale: "
+                      "rerun `tpsurgery sweep` with this recipe and model to refresh it", UserWarning, stacklevel=3)
     want = _tp_key(recipe)
     for row in stored["rows"]:
         if row.get("placeholder_mask") == "all":

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
+         "mixtral", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite", "cohere", "stablelm", "starcoder2", "smollm3")
 VOCAB = 260  # 256 bytes + <pad> <bos> <eos> <unk>
 PAD, BOS, EOS, UNK = 256, 257, 258, 259
 
@@ -87,6 +88,19 @@ def tiny_config(arch: str, n_layers: int = 4, hidden: int = 32, attn: str | None
         "falcon": (T.FalconConfig, dict(hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=4,
                                         new_decoder_architecture=False, multi_query=True, alibi=False,
                                         max_position_embeddings=512, **common)),
+        "mixtral": (T.MixtralConfig, {**llama_like, "num_local_experts": 2, "num_experts_per_tok": 1}),
+        "qwen2_moe": (T.Qwen2MoeConfig, {**llama_like, "num_experts": 2, "num_experts_per_tok": 1,
+                                         "moe_intermediate_size": hidden, "shared_expert_intermediate_size": hidden}),
+        "qwen3_moe": (T.Qwen3MoeConfig, {**llama_like, "head_dim": hidden // 4, "num_experts": 2,
+                                         "num_experts_per_tok": 1, "moe_intermediate_size": hidden}),
+        "olmo": (T.OlmoConfig, llama_like),
+        "olmo2": (T.Olmo2Config, llama_like),
+        "granite": (T.GraniteConfig, {**llama_like, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                      "attention_multiplier": 0.25, "logits_scaling": 2.0}),
+        "cohere": (T.CohereConfig, llama_like),
+        "stablelm": (T.StableLmConfig, {**llama_like, "partial_rotary_factor": 0.5}),
+        "starcoder2": (T.Starcoder2Config, {**llama_like, "sliding_window": None}),
+        "smollm3": (T.SmolLM3Config, llama_like),
     }
     if arch not in table:
         raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(ARCHS)}")

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..arch import ArchSpec, attn_out_module, get_path
+from ..arch import ArchSpec, attn_out_module, embed_site, get_path
 from ..masks import replace_mask
 from ..plan import Batch, Plan
 from .pooling import pool
@@ -78,12 +78,25 @@ def _site_hook(module_of: Any, spec: ArchSpec, site: str, i: int, fn: Any, field
     """Register ``fn(h)`` to see the hidden state at ``site`` of layer ``i``; returns the handle."""
     layers = get_path(module_of, spec.layers)
     if site == "embed":
-        return get_path(module_of, spec.embed).register_forward_hook(lambda mod, args, out: fn(out))
+        return _embed_hook(module_of, spec, fn)
     if site == "layer_in":
         return layers[i].register_forward_pre_hook(lambda mod, args: fn(args[0]))
     if site == "attn_out_in":
         return attn_out_module(spec, layers[i], i, field).register_forward_pre_hook(lambda mod, args: fn(args[0]))
     return layers[i].register_forward_hook(lambda mod, args, out: fn(out[0] if spec.tuple_output else out))
+
+
+def _embed_hook(module_of: Any, spec: ArchSpec, fn: Any) -> Any:
+    """Register ``fn(h) -> h or None`` at the ``embed`` site (:func:`tpsurgery.arch.embed_site`); returns the handle."""
+    path, where = embed_site(spec)
+    if where == "output":
+        return get_path(module_of, path).register_forward_hook(lambda mod, args, out: fn(out))
+
+    def pre(mod, args):
+        h = fn(args[0])
+        return None if h is None else (h, *args[1:])
+
+    return get_path(module_of, path).register_forward_pre_hook(pre)
 
 
 def capture_hooked(model: Any, spec: ArchSpec, plan: Plan, batch: Batch, device: torch.device) -> dict:
@@ -135,8 +148,7 @@ def run_hooked(model: Any, spec: ArchSpec, plan: Plan, batch: Batch, all_layers:
     with _removing([]) as handles:
         embed_edits = by_layer.get(0, {}).get("embed")
         if embed_edits:
-            handles.append(get_path(model, spec.embed).register_forward_hook(
-                lambda mod, args, out: edit(out, embed_edits)))
+            handles.append(_embed_hook(model, spec, lambda h: edit(h, embed_edits)))  # before layer 0's hooks
         for i in range(plan.layers_run):
             edits = by_layer.get(i, {})
             layer_in, read_input = edits.get("layer_in"), all_layers and i == 0

@@ -9,7 +9,7 @@ edits take from auxiliary prompt runs are captured first, by a trace of each run
 Plain runs (``run``, not a resumed part of a shared sweep) take the trace-free fast path by default: the same edits,
 captures and early exit with PyTorch hooks on the touched modules only (:mod:`tpsurgery.backends.hooked`), bit-identical
 to the trace without nnsight's per-module wrappers (docs/performance.md). ``backend.fast_path = False`` traces every
-batch.
+batch; so does a model that carries foreign PyTorch hooks or nnsight edits (:mod:`tpsurgery.foreign`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..arch import ArchSpec, arch_for, attn_out_module, get_path
+from ..arch import ArchSpec, arch_for, attn_out_module, embed_site, get_path
 from ..errors import BackendError, TpsurgeryError
+from ..foreign import carried
 from ..plan import Batch, Plan
 from ..prefix import Prefix
 from ..masks import layer_masks, mask_position, replace_mask
@@ -110,7 +111,8 @@ class NNsightBackend:
                 raise BackendError("prefix reuse cannot be combined with attention-mask edits")
             kwargs = prefix.model_inputs(batch, device)
         try:
-            if self.fast_path and not start and not keep:
+            # foreign hooks / nnsight edits: the trace path, which honours both in one order (tpsurgery.foreign)
+            if self.fast_path and not start and not keep and not carried(self.model, self._envoy).any:
                 return self._hooked(plan, on_device, all_layers, kwargs, device), {}
             return self._trace(plan, batch, all_layers, kwargs, start, hidden, keep)
         except TpsurgeryError:
@@ -147,7 +149,8 @@ class NNsightBackend:
     def _site(self, site: str, layers: Any, i: int) -> Any:
         """The envoy value of a site (read access)."""
         if site == "embed":
-            return get_path(self.envoy, self.spec.embed).output
+            path, where = embed_site(self.spec)
+            return getattr(get_path(self.envoy, path), where)
         if site == "layer_in":
             return layers[i].input
         if site == "attn_out_in":
@@ -157,7 +160,8 @@ class NNsightBackend:
     def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, start: int = 0,
                hidden: torch.Tensor | None = None, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
         layers = get_path(self.envoy, self.spec.layers)
-        embed = get_path(self.envoy, self.spec.embed)
+        embed, embed_at = embed_site(self.spec)
+        embed = get_path(self.envoy, embed)  # the `embed` site: embedding output or layer 0's input (Granite)
         norm = get_path(self.envoy, self.spec.norm)
         tuple_out = self.spec.tuple_output
         m = plan.exit_layer
@@ -172,7 +176,7 @@ class NNsightBackend:
             skipped = (hidden,) if tuple_out else hidden
         with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
             if not start and by_layer.get(0, {}).get("embed"):
-                embed.output = apply_edits(embed.output, by_layer[0]["embed"], batch, captured)
+                setattr(embed, embed_at, apply_edits(getattr(embed, embed_at), by_layer[0]["embed"], batch, captured))
             for i in range(plan.layers_run):
                 if i < start:  # resumed: these layers do not run; the last one "returns" hidden_states[start]
                     layers[i].skip(skipped)

@@ -176,7 +176,7 @@ class TransformerLensBackend:
                 if last:
                     raise _ExitReached
 
-            hooks = [(SITE_HOOKS[site].format(i=i), functools.partial(grab, key=(run, site, i, rows),
+            hooks = [(self._hook_point(site, i), functools.partial(grab, key=(run, site, i, rows),
                                                                       last=k == len(wanted) - 1))
                      for k, (site, i, rows) in enumerate(wanted)]
             try:
@@ -206,7 +206,12 @@ class TransformerLensBackend:
 
         hooks: list = []
         if by_layer.get(0, {}).get("embed"):
-            hooks.append(("hook_embed", edit(by_layer[0]["embed"])))
+            if self.spec.scaled_embed and m == 0:  # stop_at_layer=0 ends before blocks.0.hook_resid_pre fires
+                raise BackendError(f"recipe field `{by_layer[0]['embed'][0].field}`: an edit of the embedding output "
+                                   f"read at exit_layer 0 cannot run on the transformer_lens backend for "
+                                   f"{self.architecture} (it scales the embedding before layer 0); use the nnsight "
+                                   "backend", 0)
+            hooks.append((self._hook_point("embed", 0), edit(by_layer[0]["embed"])))
         for i in range(plan.layers_run):
             if all_layers and i == 0:
                 hooks.append(("blocks.0.hook_resid_pre", read))
@@ -218,6 +223,13 @@ class TransformerLensBackend:
         if m == n:
             hooks.append(("ln_final.hook_out", read_and_exit))
         return hooks
+
+    def _hook_point(self, site: str, i: int) -> str:
+        """The hook point of an edit site (:data:`SITE_HOOKS`); ``embed`` is ``blocks.0.hook_resid_pre`` in a family
+        that scales the embedding before layer 0 (``ArchSpec.scaled_embed``: Granite), where it is hidden_states[0]."""
+        if site == "embed" and self.spec.scaled_embed:
+            return SITE_HOOKS["layer_in"].format(i=0)
+        return SITE_HOOKS[site].format(i=i)
 
     def _attention(self, layer: int, field: str) -> Any:
         attn = getattr(self.bridge.blocks[layer], "attn", None)
