@@ -110,3 +110,18 @@ def test_spread_by_gold_takes_evenly_spaced_quantiles_in_file_order():
     assert order.a == tuple(full.a[i] for i in sorted({int(round(j * (len(full) - 1) / (k - 1))) for j in range(k)}))
     with pytest.raises(D.DataError, match="choose from order, gold"):
         D.spread(full, k, by="random")
+
+
+def test_a_code_change_or_no_resume_recomputes_kept_tasks(tiny, tmp_path, monkeypatch):
+    """Issue 22.4 meets 25.6: a kept score must never hide a change to tpsurgery's code (the regress CI guard)."""
+    import tpsurgery.resumable as R
+
+    out = tmp_path / "r.json"
+    evaluate_into(out, emb_for(tiny), ["sts13"], [SAMPLES], model_name="m", limit=8)
+    assert evaluate_into(out, emb_for(tiny), ["sts13"], [SAMPLES], model_name="m", limit=8)[1] == ["sts13"]
+    again = emb_for(tiny)
+    assert evaluate_into(out, again, ["sts13"], [SAMPLES], model_name="m", limit=8, keep=False)[1] == []
+    assert again.calls  # --no-resume: embedded afresh
+    real = R.build_info()
+    monkeypatch.setattr(R, "build_info", lambda: {**real, "code": "0" * 16})  # what another checkout would report
+    assert evaluate_into(out, emb_for(tiny), ["sts13"], [SAMPLES], model_name="m", limit=8)[1] == []

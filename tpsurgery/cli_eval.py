@@ -33,8 +33,9 @@ def required(param: typer.CallbackParam, value: Any) -> Any:
     return value
 
 
-RESUME_OPT = typer.Option(True, help="store embeddings in the embedding cache as batches finish and reuse them: a "
-                          "rerun after an interruption computes only what is missing ($TPSURGERY_CACHE/embeddings)")
+RESUME_OPT = typer.Option(True, help="store embeddings in the embedding cache as batches finish and reuse them, and "
+                          "keep finished tasks of the same run in --output: a rerun after an interruption computes only "
+                          "what is missing ($TPSURGERY_CACHE/embeddings); --no-resume recomputes everything")
 
 
 def open_cache(resume: bool) -> object:
@@ -123,7 +124,8 @@ def _evaluate(kind: str, recipes: list[str], model: str, data: Optional[list[Pat
             if output and world.size == 1:  # each finished task is written at once; a rerun skips it
                 from .resumable import evaluate_into
 
-                runs.append(evaluate_into(output, emb, names, dirs, log=lambda m: typer.echo(m, err=True), **kw)[0])
+                runs.append(evaluate_into(output, emb, names, dirs, log=lambda m: typer.echo(m, err=True),
+                                          keep=resume, **kw)[0])
             else:
                 runs.append(evaluate(ShardedEncoder(emb, world) if world.size > 1 else emb, names, dirs, **kw))
             if world.main:

@@ -2,8 +2,9 @@
 
 :func:`evaluate_into` evaluates one recipe task by task. After every task the run (scores, data provenance, pairs,
 bootstrap intervals) is merged into the results file and the file is replaced atomically, so a killed run loses at
-most the task in progress. A rerun with the same *key* (model, backend, recipe hash, limit, spread mode, and for
-transfer tasks k-fold and standardisation) finds the run and skips each task whose stored data provenance (files and
+most the task in progress. A rerun with the same *key* (model name and weights fingerprint, backend, recipe hash,
+limit, spread mode, k-fold and standardisation, and :func:`tpsurgery.buildinfo.build_info`: tpsurgery's code and the
+library versions, so a code change is never hidden by a kept score) finds the run and skips each task whose stored data provenance (files and
 their SHA-256, item count) equals the data loaded now; any other run in the file is kept as it is (``tpsurgery eval``
 rewrites the file with just its own runs once every recipe is done).
 
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import data as D
+from .buildinfo import build_info
+from .cache import model_fingerprint
 from .errors import InputError
 from .evaluation import TASKS, data_provenance, evaluate, load_task, read_results, write_results
 
@@ -36,7 +39,8 @@ from .evaluation import TASKS, data_provenance, evaluate, load_task, read_result
 def run_key(model_name: str, embedder: Any, limit: int | None, spread: bool | str, kfold: int,
             standardize: bool) -> str:
     """What makes two runs the same run (16 hex digits); stored as ``resume_key``."""
-    fields = [model_name, embedder.backend.name, embedder.recipe.hash(), limit, spread or False, kfold, standardize]
+    fields = [model_name, model_fingerprint(embedder.model), embedder.backend.name, embedder.recipe.hash(), limit,
+              spread or False, kfold, standardize, build_info()]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
@@ -62,10 +66,11 @@ def _merge(run: dict[str, Any] | None, new: dict[str, Any], key: str) -> dict[st
 def evaluate_into(output: str | os.PathLike, embedder: Any, tasks: Sequence[str], data_dirs: D.DataDirs, *,
                   model_name: str, limit: int | None = None, spread: bool | str = False, hub: bool = False,
                   kfold: int = 10, standardize: bool = True, log: Callable[[str], None] | None = None,
-                  **evaluate_kw: Any) -> tuple[dict[str, Any], list[str]]:
+                  keep: bool = True, **evaluate_kw: Any) -> tuple[dict[str, Any], list[str]]:
     """Evaluate ``tasks`` one at a time into ``output`` (see the module docstring): ``(the run, tasks skipped)``.
 
     The run's scores follow ``tasks``' order; ``evaluate_kw`` go to :func:`tpsurgery.evaluation.evaluate`.
+    ``keep=False`` recomputes every task (still writing each as it finishes).
     """
     if not tasks:
         raise InputError(None, "no task to evaluate")
@@ -76,7 +81,7 @@ def evaluate_into(output: str | os.PathLike, embedder: Any, tasks: Sequence[str]
     run = runs[at] if at is not None else None
     skipped = []
     for task in tasks:
-        if run is not None and task in run.get("scores", {}):
+        if keep and run is not None and task in run.get("scores", {}):
             data = load_task(task, data_dirs, limit, spread, hub)
             if data_provenance([data], limit, [task], spread)[task] == run.get("data", {}).get(task):
                 skipped.append(task)
