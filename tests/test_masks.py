@@ -22,7 +22,7 @@ from tpsurgery.library import load_recipe
 from tpsurgery.recipe import parse_recipe
 from tpsurgery.testing import tiny_model
 
-from recipe_oracle import additive, oracle_embed, rule
+from recipe_oracle import additive, oracle_embed, rule, schedule
 
 N = 4
 TEXTS = ["a b c.", "the cat sat on the mat.", "xy"]
@@ -34,29 +34,32 @@ def model(arch: str, n_layers: int = N):
     return tiny_model(arch, n_layers=n_layers, hidden=32, seed=1)
 
 
-def oracle(hf, plan, batch):
+def oracle(hf, recipe, m, batch):
     """Last-token (or mean) read of hidden_states[M] with TP and mask swaps done by plain forward-pre-hooks."""
     layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.h
     types = getattr(hf.config, "layer_types", None)
     dtype = next(hf.parameters()).dtype
     rows = torch.arange(batch.size).unsqueeze(1)
     handles = []
-    if plan.init_vector is not None:
+    sched = schedule(recipe, len(layers), m, hf.get_input_embeddings().weight.shape[1])  # from the recipe
+    init_vector = sched["init_vector"]
+    if init_vector is not None:
         embed = hf.get_input_embeddings()
 
         def init(mod, args, out):
             out = out.clone()
-            out[rows, batch.placeholders] = plan.init_vector.to(out.dtype)
+            out[rows, batch.placeholders] = init_vector.to(out.dtype)
             return out
         handles.append(embed.register_forward_hook(init))
-    for i in range(plan.layers_run):
-        edit_mask = i in plan.mask_layers or i in plan.bidirectional_layers
-        tp = i in plan.tp_layers
+    for i in range(min(m, len(layers))):
+        hide, mode = sched["masks"].get(i, (False, "none"))
+        edit_mask = i in sched["masks"]
+        tp = i in sched["tp_layers"]
         if not (edit_mask or tp):
             continue
         window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
-        ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=i in plan.mask_layers,
-                  bidirectional=plan.bidirectional if i in plan.bidirectional_layers else "none", window=window)
+        ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=hide,
+                  bidirectional=mode, window=window)
         float_mask = additive(ok, dtype)
 
         def hook(mod, args, kwargs, float_mask=float_mask, edit_mask=edit_mask, tp=tp):
@@ -79,7 +82,7 @@ def oracle(hf, plan, batch):
     finally:
         for h in handles:
             h.remove()
-    return hs[plan.exit_layer][:, -1].float()
+    return hs[m][:, -1].float()
 
 
 VARIANTS = {
@@ -98,8 +101,8 @@ def test_engine_equals_mask_swapping_hook_oracle(arch, variant):
     emb = tpsurgery.apply(hf, {"prompt": COT, "exit_layer": -1, **VARIANTS[variant]}, tokenizer=tok)
     got = emb.encode(TEXTS, convert_to_tensor=True)
     rows = emb.tokenize(TEXTS, COT)
-    batch = collate(rows, emb.pad_id, emb.plan.source, hide_placeholders=emb.plan.hide_placeholders)
-    want = oracle(hf, emb.plan, batch)
+    batch = collate(rows, emb.pad_id, emb.recipe.tp.source, hide_placeholders=emb.recipe.placeholder.mask == "all")
+    want = oracle(hf, emb.recipe, emb.plan.exit_layer, batch)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
     # and the edit is not a no-op: the plain recipe differs
     plain = tpsurgery.apply(hf, {"prompt": COT, "exit_layer": -1, "tp": VARIANTS[variant].get("tp", [])},

@@ -184,8 +184,8 @@ class Embedder:
         plan = plan or self.plan
         for idx in token_batches([len(r.ids) for r in rows], batch_size, max_tokens, exact_length):
             self.stats.count(len(idx), max(len(rows[i].ids) for i in idx), sum(len(rows[i].ids) for i in idx))
-            yield idx, collate([rows[i] for i in idx], self.pad_id, plan.source, indices=idx,
-                              hide_placeholders=plan.hide_placeholders)
+            yield idx, collate([rows[i] for i in idx], self.pad_id, plan.reach, indices=idx,
+                              hide_placeholders=plan.hide_placeholders, min_length=plan.min_length)
 
     # -- encode ---------------------------------------------------------------------------------------------------
     def timing(self, sentences: Any) -> contextlib.AbstractContextManager[None]:
@@ -343,8 +343,9 @@ class Embedder:
                     raise InputError(idx[int(empty[0, 0])], "mean pooling needs at least one sentence token")
 
             def run(part: list[int], whole=batch, idx=idx):  # a half of the batch is collated like the batch
-                b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.source, indices=part,
-                                                      hide_placeholders=plan.hide_placeholders)
+                b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.reach, indices=part,
+                                                      hide_placeholders=plan.hide_placeholders,
+                                                      min_length=plan.min_length)
                 return run_batch(b, run_kw)
 
             values = run_splitting(run, idx, oom)
@@ -359,13 +360,14 @@ class Embedder:
         return out
 
     def _prefix(self, rows: Sequence[Encoded], plan: Plan) -> Prefix | None:
-        """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, no attention-mask edits."""
+        """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, and as far as the plan allows
+        (:meth:`Plan.prefix_limit <tpsurgery.plan.Plan.prefix_limit>`: no edit or read before it)."""
         enabled = self.prefix_cache
         if enabled is None:  # auto: measured to pay on the CPU, not on a GPU (docs/performance.md)
             enabled = input_device(self.model, self.spec).type == "cpu"
-        if not (enabled and self.backend.supports_prefix) or plan.needs_masks:
+        if not (enabled and self.backend.supports_prefix and plan.prefix_reusable):
             return None
-        n = shared_prefix_length(rows, plan.source)
+        n = shared_prefix_length(rows, plan)
         prefix = self._prefixes.get(rows[0].ids[:n]) if n > 0 else None
         if prefix is not None:
             self.stats.prefix_tokens_saved += n * len(rows)
@@ -404,7 +406,7 @@ class Embedder:
             lines.append("  " + " ".join(shown))
             lines.append(f"  placeholder positions: {list(row.placeholders)} (token id {self.placeholder_id}); "
                          f"sentence tokens: [{row.text_span[0]}, {row.text_span[1]}); source: position "
-                         f"{len(row.ids) + self.plan.source}")
+                         f"{len(row.ids) + self.recipe.tp.source}")
         init = self.recipe.placeholder.init
         lines.append(f"placeholder init: {init}" + (f" (embedding row of token {self.placeholder_id})" if init == "token" else ""))
         lines.append(self.plan.describe())

@@ -134,11 +134,12 @@ def layer_masks(model: Any, plan: Plan, batch: Batch) -> dict[int, Any]:
           cache_kwarg(): None, "position_ids": batch.position_ids.to(device)}
     out: dict[int, Any] = {}
     built: dict[tuple, Any] = {}
-    for i in sorted(set(plan.mask_layers) | set(plan.bidirectional_layers)):
-        key = (layer_kind(model.config, i), i in plan.mask_layers, i in plan.bidirectional_layers)
+    for i in sorted({e.layer for e in plan.at("attn_mask")}):
+        edits = plan.at("attn_mask", i)  # each layer's mask from that layer's own edits
+        mode = next((e.mode for e in edits if e.op == "bidirectional"), "none")
+        key = (layer_kind(model.config, i), any(e.op == "hide" for e in edits), mode)
         if key not in built:
-            or_fn, and_fn = edit_functions(batch, mask_placeholders=key[1],
-                                           bidirectional=plan.bidirectional if key[2] else "none", device=device)
+            or_fn, and_fn = edit_functions(batch, mask_placeholders=key[1], bidirectional=mode, device=device)
             make = mu.create_sliding_window_causal_mask if key[0] == "sliding_attention" else mu.create_causal_mask
             built[key] = make(**kw, or_mask_function=or_fn, and_mask_function=and_fn)
         out[i] = built[key]

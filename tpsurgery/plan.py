@@ -4,8 +4,8 @@ Both are plain data read by fixed backend code.
 
 >>> from tpsurgery.recipe import parse_recipe
 >>> plan = compile_plan(parse_recipe("prompt: '<PST> {text}'\\ntp: {start: 1, stop: 3}\\nexit_layer: -2"), n_layers=4, hidden_size=8)
->>> plan.exit_layer, plan.tp_layers, plan.layers_run
-(3, (1, 2), 3)
+>>> plan.exit_layer, plan.read_layers, plan.layers_run, plan.reach, plan.touches
+(3, (3,), 3, -1, ('last', 'placeholders'))
 >>> plan.edits[0]
 Edit(site='layer_in', layer=1, op='copy', rows='placeholders', source=-1, alpha=1.0, factor=1.0, run=None, heads=None, vector=None, eps=0.0, mode=None, field='tp')
 >>> print(plan.describe())
@@ -29,16 +29,50 @@ from .recipe import Recipe
 from .schema import EditSpec
 
 
+def row_positions(rows: Rows, row: Encoded) -> list[int]:
+    """The positions of an unpadded encoded ``row`` that a row selector names.
+
+    >>> r = Encoded(ids=(1, 0, 5, 6, 7), placeholders=(1,), text_span=(2, 4))
+    >>> [row_positions(s, r) for s in ("placeholders", "last", "all", "sentence", "prompt", -2, 0, (0, -1))]
+    [[1], [4], [0, 1, 2, 3, 4], [2, 3], [0, 4], [3], [0], [0, 4]]
+    """
+    n = len(row.ids)
+    if rows == "placeholders":
+        return list(row.placeholders)
+    if rows == "last":
+        return [n - 1]
+    if rows == "all":
+        return list(range(n))
+    if rows == "sentence":
+        return list(range(*row.text_span))
+    if rows == "prompt":
+        inside = set(range(*row.text_span)) | set(row.placeholders)
+        return [p for p in range(n) if p not in inside]
+    return [p if p >= 0 else n + p for p in (rows if isinstance(rows, tuple) else (rows,))]
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the backend does for one recipe on one model: a sorted tuple of :class:`~tpsurgery.edits.Edit` values,
-    then a read of ``hidden_states[exit_layer]`` pooled by ``pooling``.
+    then reads of ``hidden_states[j]`` for ``j`` in ``read_layers``, each pooled over tokens by ``pooling``, combined
+    (mean, or the weighted sum with ``read_weights``) into the embedding.
 
-    ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]`` (edits at layers >= M are
-    dropped: they cannot change the read); ``runs`` the auxiliary prompts ``(name, template)`` whose runs ``add`` /
-    ``subtract`` edits read; ``hide_placeholders``: placeholders get attention mask 0 in the batch (invisible in every
-    layer, no position id); ``n_heads``: attention heads (for edits on head columns).
-    The other attributes are read-only views of the edits, for the Token-Prepending shorthand.
+    ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]``, the deepest read (edits at
+    layers >= M are dropped: they cannot change the read); ``runs`` the auxiliary prompts ``(name, template)`` whose
+    runs ``add`` / ``subtract`` edits read; ``hide_placeholders``: placeholders get attention mask 0 in the batch
+    (invisible in every layer, no position id); ``n_heads``: attention heads (for edits on head columns).
+
+    Token pooling ``pooling``: ``last`` (the last token), ``mean`` (mean over the sentence tokens), ``last_k`` (mean of
+    the last ``pool_k`` tokens).
+
+    Facts the batching, prompt-prefix reuse and sweep sharing read (and nothing else of the edits):
+
+    * :attr:`reach`: the most negative position (counted from the end) any edit or the pooling reads or writes;
+      :attr:`min_length`: the fewest tokens an input must have (collation rejects shorter ones);
+    * :attr:`touches`: which rows edits and the read touch (row selectors, canonical and hashable);
+      :meth:`first_touched`: the first position of an encoded row that any of them touches;
+    * :attr:`prefix_reusable` and :meth:`prefix_limit`: whether, and for how many leading tokens of a row, keys and
+      values may come from a cache of the prompt prefix computed once without edits.
     """
 
     n_layers: int
@@ -49,7 +83,14 @@ class Plan:
     hide_placeholders: bool = False
     runs: tuple[tuple[str, str], ...] = ()
     n_heads: int | None = None
-    tp_source: int = -1
+    reach: int = -1
+    pool_k: int = 1
+    read_layers: tuple[int, ...] = ()
+    read_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.read_layers:
+            object.__setattr__(self, "read_layers", (self.exit_layer,))
 
     @property
     def layers_run(self) -> int:
@@ -69,12 +110,6 @@ class Plan:
         return out
 
     @property
-    def source(self) -> int:
-        """The most negative position the recipe's ``tp.source`` or any edit reads: shorter inputs are rejected
-        (``tp.source`` counts even when the exit layer drops every TP layer, as before edits existed)."""
-        return min([e.reach for e in self.edits] + [self.tp_source])
-
-    @property
     def needs_masks(self) -> bool:
         return bool(self.at("attn_mask"))
 
@@ -83,33 +118,43 @@ class Plan:
         keys = {(e.runs_at, e.site, e.layer, e.rows) for e in self.edits if e.run == run}
         return tuple((site, layer, rows) for _, site, layer, rows in sorted(keys, key=lambda k: (k[0], str(k[3]))))
 
-    # -- views of the Token-Prepending shorthand -----------------------------------------------------------------
+    # -- facts for batching, prefix reuse and sharing ----------------------------------------------------------------
     @property
-    def tp_layers(self) -> tuple[int, ...]:
-        """Layers whose input's placeholder rows are overwritten by a copy (TP)."""
-        return tuple(e.layer for e in self.at("layer_in") if e.op == "copy" and e.rows == "placeholders")
+    def touches(self) -> tuple[Rows, ...]:
+        """The row selectors that edits (``attn_mask`` edits: ``placeholders``), hidden placeholders and the token
+        pooling (``sentence``, ``last`` or the last ``pool_k`` positions) touch, sorted and without repeats."""
+        rows: set = {e.rows if e.site != "attn_mask" else "placeholders" for e in self.edits}
+        rows |= {"placeholders"} if self.hide_placeholders else set()
+        rows |= {"sentence"} if self.pooling == "mean" else {tuple(range(-self.pool_k, 0))} \
+            if self.pooling == "last_k" else {"last"}
+        return tuple(sorted(rows, key=repr))
+
+    def first_touched(self, row: Encoded) -> int:
+        """The first position of ``row`` that an edit or the read touches (``len(row.ids)``: none)."""
+        n = len(row.ids)
+        return min([n] + [p for rows in self.touches for p in row_positions(rows, row)])
 
     @property
-    def alpha(self) -> float:
-        return next((e.alpha for e in self.at("layer_in") if e.op == "copy"), 1.0)
+    def prefix_reusable(self) -> bool:
+        """Whether keys/values of an unedited prompt prefix may be reused at all (not with attention-mask edits,
+        which replace whole masks)."""
+        return not self.needs_masks
+
+    def prefix_limit(self, row: Encoded) -> int:
+        """How many leading tokens of ``row`` may come from a prompt-prefix cache: none touched by an edit or the
+        read, all before the sentence and the first placeholder, at least one token left (0: no reuse)."""
+        if not self.prefix_reusable:
+            return 0
+        n = len(row.ids)
+        return max(0, min([self.first_touched(row), row.text_span[0], n - 1, *row.placeholders[:1]]))
 
     @property
-    def init_vector(self) -> torch.Tensor | None:
-        """The placeholders' initial embedding-output row (None: the carrier token's own embedding)."""
-        return next((e.vector.tensor for e in self.at("embed") if e.op == "write"), None)
-
-    @property
-    def mask_layers(self) -> tuple[int, ...]:
-        """Layers in which no other token attends to a placeholder."""
-        return tuple(e.layer for e in self.at("attn_mask") if e.op == "hide")
-
-    @property
-    def bidirectional(self) -> str:
-        return next((e.mode for e in self.at("attn_mask") if e.op == "bidirectional"), "none")
-
-    @property
-    def bidirectional_layers(self) -> tuple[int, ...]:
-        return tuple(e.layer for e in self.at("attn_mask") if e.op == "bidirectional")
+    def min_length(self) -> int:
+        """The fewest tokens an input needs: ``-reach`` and one past the largest position counted from the start."""
+        front = [p for rows in self.touches for p in (rows if isinstance(rows, tuple) else (rows,))
+                 if isinstance(p, int) and p >= 0]
+        front += [e.source for e in self.edits if isinstance(e.source, int) and e.source >= 0]
+        return max([1, -self.reach] + [p + 1 for p in front])
 
     def describe(self) -> str:
         """Layer ranges with what happens in them, then the read."""
@@ -311,7 +356,7 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         hide_placeholders=recipe.placeholder.mask == "all",
         runs=tuple((name, t) for name, t in recipe.runs.items() if name in used),
         n_heads=n_heads,
-        tp_source=recipe.tp.source,
+        reach=min([e.reach for e in edits] + [recipe.tp.source]),
     )
 
 
@@ -320,7 +365,8 @@ class Batch:
     """A left-padded batch: model inputs plus where placeholders sit, which row is the source, what is pooled.
 
     ``placeholders`` and ``source`` are absolute column indices; ``text_mask`` marks the last ``{text}`` slot's tokens
-    (mean pooling); ``text_start`` is each row's first sentence column (end of the bidirectional span is ``text_end``).
+    (mean pooling); ``text_end`` is each row's end of the sentence (exclusive; end of the bidirectional span);
+    ``starts`` each row's first column (positions counted from the start; None: derived from the attention mask).
     """
 
     input_ids: torch.Tensor
@@ -331,6 +377,7 @@ class Batch:
     text_mask: torch.Tensor
     text_end: torch.Tensor
     others: tuple[tuple[str, "Batch"], ...] = ()
+    starts: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -341,11 +388,12 @@ class Batch:
         return dict(self.others)[run]
 
 
-def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Sequence[int] | None = None,
-            hide_placeholders: bool = False) -> Batch:
+def collate(rows: Sequence[Encoded], pad_id: int, reach: int = -1, indices: Sequence[int] | None = None,
+            hide_placeholders: bool = False, min_length: int | None = None) -> Batch:
     """Left-pad encoded rows into a :class:`Batch`; position ids count visible tokens only (``cumsum(mask) - 1``).
 
-    ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
+    ``reach`` (:attr:`Plan.reach`) gives ``Batch.source``; rows shorter than ``min_length`` (default ``-reach``;
+    :attr:`Plan.min_length`) are rejected. ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
     Rows that carry auxiliary runs' encodings (:attr:`Encoded.others`) get those collated as ``Batch.others``.
     """
     indices = list(indices) if indices is not None else list(range(len(rows)))
@@ -358,13 +406,16 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
     text = torch.zeros((len(rows), width), dtype=torch.float32)
     ph = torch.zeros((len(rows), n_ph.pop()), dtype=torch.long)
     text_end = torch.zeros(len(rows), dtype=torch.long)
+    starts = torch.zeros(len(rows), dtype=torch.long)
+    need = -reach if min_length is None else min_length
     for b, (r, idx) in enumerate(zip(rows, indices)):
         if len(r.ids) == 0:
             raise InputError(idx, "the prompted input has no tokens (empty text and no prompt)")
-        if len(r.ids) < -source:
-            raise InputError(idx, f"position {source} (tp.source or an edit's rows) reaches before the start of this "
-                                  f"{len(r.ids)}-token input")
+        if len(r.ids) < need:
+            raise InputError(idx, f"the recipe reads {need} positions (tp.source, an edit's rows or the pooling) but "
+                                  f"this input has {len(r.ids)} tokens")
         off = width - len(r.ids)
+        starts[b] = off
         ids[b, off:] = torch.tensor(r.ids)
         mask[b, off:] = 1
         text[b, off + r.text_span[0]: off + r.text_span[1]] = 1.0
@@ -374,8 +425,8 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
             if hide_placeholders:
                 mask[b, ph[b]] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    src = torch.full((len(rows),), width + source, dtype=torch.long)
+    src = torch.full((len(rows),), width + reach, dtype=torch.long)
     others = tuple((name, collate([dict(r.others)[name] for r in rows], pad_id, -1, indices))
                    for name, _ in rows[0].others)
-    return Batch(ids, mask, pos, ph, src, text, text_end, others)
+    return Batch(ids, mask, pos, ph, src, text, text_end, others, starts)
 

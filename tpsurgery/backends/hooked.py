@@ -125,7 +125,7 @@ def run_hooked(model: Any, spec: ArchSpec, plan: Plan, batch: Batch, all_layers:
     reads: list[torch.Tensor] = []
 
     def read(h: torch.Tensor, last: bool) -> None:
-        reads.append(pool(h, plan.pooling, batch.text_mask))
+        reads.append(pool(h, plan, batch))
         if last:
             raise _Stop
 

@@ -181,7 +181,7 @@ class NNsightBackend:
                 if i in masks:
                     layers[i].inputs = replace_mask(layers[i].inputs, masks[i], where)
                 if all_layers and i == 0:
-                    reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
+                    reads.append(pool(layers[0].input, plan, batch).save())
                 if "layer_in" in edits:
                     layers[i].input = apply_edits(layers[i].input, edits["layer_in"], batch, captured)
                 if "attn_out_in" in edits:
@@ -197,11 +197,11 @@ class NNsightBackend:
                     if i + 1 in keep:
                         kept[i + 1] = out.clone().save()
                     if read:
-                        reads.append(pool(out, plan.pooling, batch.text_mask).save())
+                        reads.append(pool(out, plan, batch).save())
             if m == 0:  # no layer runs: the read is layer 0's input (also the only all_layers slice)
-                reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
+                reads.append(pool(layers[0].input, plan, batch).save())
             elif m == plan.n_layers:
-                reads.append(pool(norm.output, plan.pooling, batch.text_mask).save())
+                reads.append(pool(norm.output, plan, batch).save())
             tracer.stop()
         # a device_map'ed model reads each layer on its own device
         return (torch.stack([r.to(reads[0].device) for r in reads], 1) if all_layers else reads[-1]), kept

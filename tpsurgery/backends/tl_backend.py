@@ -157,7 +157,7 @@ class TransformerLensBackend:
         if m < n:
             if not isinstance(out, torch.Tensor):
                 raise BackendError(f"TransformerLens returned no residual at stop_at_layer={m} ({self.architecture})")
-            reads.append(pool(out, plan.pooling, batch.text_mask).clone())
+            reads.append(pool(out, plan, batch).clone())
         if len(reads) != (m + 1 if all_layers else 1):
             raise BackendError(f"expected {m + 1 if all_layers else 1} reads, got {len(reads)}: a hook did not fire "
                                f"on {self.architecture}")
@@ -195,7 +195,7 @@ class TransformerLensBackend:
         by_layer = plan.by_layer()
 
         def read(t, hook):
-            reads.append(pool(t, plan.pooling, batch.text_mask).clone())
+            reads.append(pool(t, plan, batch).clone())
 
         def read_and_exit(t, hook):
             read(t, hook)
@@ -236,7 +236,7 @@ class TransformerLensBackend:
                 from ..masks import layer_masks
 
                 for i, mask in layer_masks(self.model, plan, batch).items():
-                    field = "placeholder.mask" if i in plan.mask_layers else "attention.bidirectional"
+                    field = plan.at("attn_mask", i)[0].field
                     attn = self._attention(i, field)
                     handles.append(attn.register_forward_pre_hook(self._mask_hook(mask, i, field), with_kwargs=True))
             yield
