@@ -21,6 +21,7 @@ import torch
 
 from .arch import ArchSpec, arch_for, attn_out_module, get_path
 from .backends import Backend
+from .backends.pooling import combine
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
@@ -313,9 +314,15 @@ class Embedder:
                        on_batch=None) -> torch.Tensor:
         d = self.hidden_size
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
-        return self.encode_rows(texts, template, batch_size, progress, plan, tail,
-                                lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
-                                max_tokens, on_batch)
+
+        def run(b, kw):
+            if all_layers or len(plan.read_layers) == 1:
+                return self.backend.run(plan, b, all_layers=all_layers, **kw)
+            layers = self.backend.run(plan, b, all_layers=True, **kw)  # pooled hidden_states[0..M]: pick the reads
+            return combine([layers[:, j] for j in plan.read_layers], plan)
+
+        return self.encode_rows(texts, template, batch_size, progress, plan, tail, run, truncated, max_tokens,
+                                on_batch)
 
     def encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
                     on_batch=None) -> torch.Tensor:

@@ -17,16 +17,17 @@ read hidden_states[3] (output of decoder layer 2); layers 3.. and the LM head ne
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
 from .edits import Edit, Rows, Vector, describe_edit, layer_ranges
 from .errors import InputError, RecipeError
+from .ops import OPS
 from .prompts import Encoded
 from .recipe import Recipe
-from .schema import EditSpec
+from .schema import PoolingSpec, VectorFile
 
 
 def row_positions(rows: Rows, row: Encoded) -> list[int]:
@@ -270,33 +271,77 @@ def _warn_dropped(tp, m: int) -> None:
                       f"hidden_states[{m}] ({read}), which later layers cannot change", UserWarning, stacklevel=3)
 
 
-def _vector(spec: EditSpec, size: int, field: str) -> torch.Tensor:
-    """The vector of a ``write`` edit (``value``: a named initialisation or a list of floats)."""
-    if isinstance(spec.value, tuple):
-        if len(spec.value) != size:
-            raise RecipeError(f"{field}.value", f"{len(spec.value)} numbers for rows of width {size}")
-        return torch.tensor(spec.value, dtype=torch.float32)
-    return _named_vector(spec.value, size, spec.seed, spec.mean, spec.std)
+def load_vector_file(vf: VectorFile, field: str) -> torch.Tensor:
+    """The 1-D float32 vector of a ``.npy`` / ``.safetensors`` file, checked against the content hash the recipe
+    recorded when it was read."""
+    import hashlib
+    from pathlib import Path
+
+    path = Path(vf.path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(field, f"cannot read the vector file {vf.path!r}: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != vf.sha256:
+        raise RecipeError(field, f"the vector file {vf.path!r} changed since the recipe was read (sha256 "
+                                 f"{vf.sha256[:12]}...): read the recipe again")
+    try:
+        if path.suffix == ".npy":
+            import io
+
+            import numpy as np
+
+            arrays = {"": np.load(io.BytesIO(data), allow_pickle=False)}
+        else:
+            from safetensors.numpy import load as st_load
+
+            arrays = st_load(data)
+    except Exception as exc:  # numpy / safetensors raise various types for a damaged file
+        raise RecipeError(field, f"{vf.path!r} is not a readable {path.suffix} file: {exc}") from None
+    if len(arrays) != 1:
+        raise RecipeError(field, f"{vf.path!r} holds {len(arrays)} tensors ({', '.join(arrays)}); give a file with "
+                                 "exactly one")
+    (array,) = arrays.values()
+    t = torch.from_numpy(array.copy()).to(torch.float32)
+    if t.dim() != 1 and not (t.dim() == 2 and t.shape[0] == 1):
+        raise RecipeError(field, f"{vf.path!r} holds an array of shape {tuple(t.shape)}; a vector (shape [d]) is "
+                                 "needed")
+    return t.reshape(-1)
+
+
+def _vector(spec, size: int, field: str) -> torch.Tensor:
+    """The vector of an edit's ``value``: a named vector, a list of floats or a vector file, ``size`` wide."""
+    if isinstance(spec.value, VectorFile):
+        t = load_vector_file(spec.value, f"{field}.value")
+    elif isinstance(spec.value, tuple):
+        t = torch.tensor(spec.value, dtype=torch.float32)
+    else:
+        return _named_vector(spec.value, size, spec.seed, spec.mean, spec.std)
+    if t.numel() != size:
+        raise RecipeError(f"{field}.value", f"{t.numel()} numbers for rows of width {size}")
+    return t
+
+
+_EDIT_FIELDS = {f.name for f in fields(Edit)}
 
 
 def _user_edits(recipe: Recipe, m: int, hidden_size: int, attn_width: int | None) -> list[Edit]:
-    """The recipe's ``edits`` section, one :class:`Edit` per layer; layers that cannot change the read are dropped."""
+    """The recipe's ``edits`` section, one :class:`Edit` per layer; layers that cannot change the read are dropped.
+    Each op's parameters become the Edit's fields of the same name (``value`` becomes ``vector``)."""
     out, cut = [], []
     for k, spec in enumerate(recipe.edits):
         field = f"edits.{k}"
         layers = spec.layer_list()  # layer and head numbers: checked by check_depth
-        vector = None
-        if spec.op == "write":
+        params = {n: getattr(spec, n) for n in OPS[spec.op].parameters if n in _EDIT_FIELDS}
+        if getattr(spec, "value", None) is not None:
             size = attn_width if spec.site == "attn_out_in" else hidden_size
             if size is None:
                 raise RecipeError(f"{field}.value", "the width of this model's o_proj input is unknown")
-            vector = Vector(_vector(spec, size, field))
+            params["vector"] = Vector(_vector(spec, size, field))
         kept = [i for i in layers if spec.site == "embed" or i < m]
         if len(kept) < len(layers):
             cut.append(f"{field} (layers {', '.join(str(i) for i in layers if i not in kept)})")
-        out += [Edit(spec.site, i, spec.op, rows=spec.rows, source=spec.source if spec.op == "copy" else None,
-                     alpha=spec.alpha, factor=spec.factor if spec.factor is not None else 1.0, run=spec.run,
-                     heads=spec.heads, vector=vector, eps=spec.eps, mode=spec.mode, field=field) for i in kept]
+        out += [Edit(spec.site, i, spec.op, rows=spec.rows, heads=spec.heads, field=field, **params) for i in kept]
     if cut:
         warnings.warn(f"{', '.join(cut)}: dropped, because exit_layer reads hidden_states[{m}], which edits of "
                       f"layers >= {m} cannot change", UserWarning, stacklevel=3)
@@ -340,10 +385,14 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
     the shorthand sections (``placeholder``, ``attention``, ``tp``) before the ``edits`` section.
     """
     check_depth(recipe, n_layers, exit_layer, n_heads)
+    tokens, k, reads, weights = _pooling(recipe, n_layers, exit_layer)
     m = exit_layer if exit_layer is not None else recipe.exit_layer
-    if m == "auto":
+    if reads is not None:
+        m = max(reads)
+    elif m == "auto":
         raise RecipeError("exit_layer", "'auto' must be resolved from a sweep first (tpsurgery sweep)")
-    m = resolve_exit_layer(m, n_layers)
+    else:
+        m = resolve_exit_layer(m, n_layers)
     edits = _shorthand_edits(recipe, n_layers, m, hidden_size) + _user_edits(recipe, m, hidden_size, attn_width)
     edits.sort(key=lambda e: e.runs_at)  # stable: recipe order inside a site
     used = {e.run for e in edits if e.run is not None}
@@ -351,13 +400,38 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         n_layers=n_layers,
         exit_layer=m,
         edits=tuple(edits),
-        pooling=recipe.pooling,
+        pooling=tokens,
         placeholder_id=recipe.placeholder.token_id if placeholder_id is None else placeholder_id,
         hide_placeholders=recipe.placeholder.mask == "all",
         runs=tuple((name, t) for name, t in recipe.runs.items() if name in used),
         n_heads=n_heads,
-        reach=min([e.reach for e in edits] + [recipe.tp.source]),
+        reach=min([e.reach for e in edits] + [recipe.tp.source, -k]),
+        pool_k=k,
+        read_layers=tuple(reads) if reads is not None else (m,),
+        read_weights=weights,
     )
+
+
+def _pooling(recipe: Recipe, n_layers: int, exit_layer: int | None) -> tuple[str, int, list[int] | None, tuple | None]:
+    """``(token pooling, k, resolved hidden_states indices or None, weights)`` of the recipe's ``pooling``."""
+    p = recipe.pooling
+    if not isinstance(p, PoolingSpec):
+        return p, 1, None, None
+    layers = p.layer_list()
+    if layers is None:
+        return p.tokens, p.k or 1, None, p.weights
+    reads = []
+    for j in layers:
+        try:
+            reads.append(resolve_exit_layer(j, n_layers))
+        except RecipeError as exc:
+            raise RecipeError("pooling.layers", exc.message) from None
+    m = max(reads)
+    for name, value in (("exit_layer", recipe.exit_layer), ("the exit-layer override", exit_layer)):
+        if value not in (None, -1, "auto") and resolve_exit_layer(value, n_layers) != m:
+            raise RecipeError("pooling.layers", f"reads up to hidden_states[{m}] but {name} is {value}: leave "
+                                                f"exit_layer out (or set it to {m}) when pooling.layers is given")
+    return p.tokens, p.k or 1, reads, p.weights
 
 
 @dataclass(frozen=True)

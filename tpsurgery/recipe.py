@@ -38,7 +38,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .schema import NUM as _NUM, EditSpec, Frozen as _Frozen, Span
+from .ops import OPS, EditSpec
+from .schema import NUM as _NUM, Frozen as _Frozen, PoolingSpec, Span
 
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
@@ -149,7 +150,7 @@ class Recipe(_Frozen):
     placeholder: Placeholder = Placeholder()
     tp: TPSchedule = TPSchedule()
     exit_layer: Annotated[Union[int, Literal["auto"]], _NUM] = -1
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Union[Literal["last", "mean"], PoolingSpec] = "last"
     attention: Attention = Attention()
     compat: Literal["exact", "official"] = "exact"
     runs: dict[str, str] = Field(default_factory=dict)
@@ -202,14 +203,17 @@ class Recipe(_Frozen):
             problems.append(("attention.bidirectional",
                              f"starts at the placeholder: the prompt needs a {PLACEHOLDER_MARKER} marker" + hint))
         for k, e in enumerate(self.edits):
-            if e.run is not None and e.run not in self.runs:
-                close = difflib.get_close_matches(e.run, list(self.runs), n=1, cutoff=0.6)
+            run = getattr(e, "run", None)
+            if run is not None and run not in self.runs:
+                close = difflib.get_close_matches(run, list(self.runs), n=1, cutoff=0.6)
                 known = ", ".join(self.runs) or "none; add a `runs:` section"
                 mean = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append((f"edits.{k}.run", f"no run named {e.run!r}{mean} (runs: {known})"))
-            if e.run is not None and e.rows == "placeholders":
-                problems.append((f"edits.{k}.rows", "an auxiliary run has no placeholders to take rows from; use "
-                                                    "rows: last or a negative position"))
+                problems.append((f"edits.{k}.run", f"no run named {run!r}{mean} (runs: {known})"))
+            fixed = e.rows == "last" or isinstance(e.rows, int) or isinstance(e.rows, tuple) and max(e.rows) < 0
+            if run is not None and not fixed:
+                problems.append((f"edits.{k}.rows", "an auxiliary run's rows are taken at the same positions counted "
+                                                    "from the end: use rows: last, a negative position or a list of "
+                                                    f"them (not {e.rows!r})"))
             needs_marker = e.rows == "placeholders" and e.op != "bidirectional"
             if (needs_marker or e.op == "bidirectional") and counts == {0}:
                 problems.append((f"edits.{k}", f"rows: placeholders needs a {PLACEHOLDER_MARKER} marker in the "
@@ -236,8 +240,10 @@ class Recipe(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data; empty ``runs`` / ``edits`` sections are left out (hashes of recipes without
-        them stay what they were before the sections existed)."""
+        them stay what they were before the sections existed). A vector file is ``{path, sha256}`` (absolute path)."""
         data = self.model_dump(mode="json")
+        if isinstance(self.pooling, PoolingSpec):
+            data["pooling"] = self.pooling.model_dump(mode="json", exclude_defaults=True)
         data["edits"] = [e.model_dump(mode="json", exclude_defaults=True) for e in self.edits]
         for key in ("runs", "edits"):
             if not data[key]:
@@ -245,20 +251,38 @@ class Recipe(_Frozen):
         return data
 
     def hash(self) -> str:
-        """A stable short hash of the recipe's semantics (name and description excluded)."""
+        """A stable short hash of the recipe's semantics (name and description excluded; a vector file by its
+        content hash, not its path)."""
         import hashlib
 
         body = {k: v for k, v in self.to_dict().items() if k not in ("name", "description")}
+        for e in body.get("edits", ()):  # a vector file counts by its content, wherever it lies
+            if isinstance(e.get("value"), dict):
+                e["value"] = {"sha256": e["value"]["sha256"]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention|EditSpec)$"
+_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention|EditSpec|PoolingSpec|VectorFile|Positions)$"
                         r"|^(literal|tuple|list|dict|set|union|function-[a-z-]+)\[")
+
+
+def _is_tag(loc: tuple, k: int) -> bool:
+    """Whether ``loc[k]`` is a tag pydantic adds: a union member's type, or an edit's op (after ``edits.N``)."""
+    p = loc[k]
+    if isinstance(p, int):
+        return False
+    return bool(_UNION_TAG.match(str(p))) or (k >= 2 and loc[k - 2] == "edits" and isinstance(loc[k - 1], int)
+                                              and p in OPS)
+
+
+def _op_of(loc: tuple) -> str | None:
+    """The op tag in an edit's error location (``("edits", 0, "copy", "factor")`` -> ``copy``)."""
+    return next((str(loc[k]) for k in range(len(loc)) if _is_tag(loc, k) and loc[k] in OPS), None)
 
 
 def _field_of(loc: tuple) -> str:
     """The dotted recipe field of a pydantic error location, without the union-member tags pydantic adds."""
-    return ".".join(str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.match(str(p))) or "<recipe>"
+    return ".".join(str(p) for k, p in enumerate(loc) if not _is_tag(loc, k)) or "<recipe>"
 
 
 def _own_fields(error: dict) -> list[dict]:
@@ -274,6 +298,14 @@ def _own_fields(error: dict) -> list[dict]:
 def _message(error: dict) -> str:
     """Pydantic's message plus the offending value when it is a short scalar."""
     msg = error["msg"].removeprefix("Value error, ")
+    op = _op_of(tuple(error["loc"]))
+    if error["type"] == "missing" and op is not None:
+        return f"op {op} needs `{error['loc'][-1]}`"
+    if error["type"] == "union_tag_invalid":
+        return f"unknown op {error['input'].get('op')!r} (allowed: {', '.join(OPS)})" \
+            if isinstance(error.get("input"), dict) else msg
+    if error["type"] == "union_tag_not_found":
+        return f"needs `op` (allowed: {', '.join(OPS)})"
     value = error.get("input")
     if error["type"] != "value_error" and isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 60:
         msg += f" (got {value!r})"
@@ -301,7 +333,15 @@ def _error_from_validation(exc: ValidationError) -> RecipeError:
 
 
 def _unknown_key(loc: tuple) -> str:
-    """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``."""
+    """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``; in an edit, the op's own
+    parameters."""
+    op = _op_of(loc)
+    if op is not None:
+        own = OPS[op].parameters
+        close = difflib.get_close_matches(str(loc[-1]), list(OPS[op].spec.model_fields), n=1, cutoff=0.6)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        its = f"its parameters: {', '.join(own)}" if own else "it takes no parameters"
+        return f"not a parameter of op {op}{hint} ({its}; every edit: site, layers, rows, heads)"
     model = _model_at(loc[:-1])
     allowed = list(model.model_fields) + (["start", "stop"] if model is TPSchedule else []) if model else []
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
@@ -311,8 +351,8 @@ def _unknown_key(loc: tuple) -> str:
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Recipe
-    for part in loc:
-        if isinstance(part, int) or _UNION_TAG.match(str(part)):
+    for k, part in enumerate(loc):
+        if isinstance(part, int) or _is_tag(loc, k):
             continue
         info = model.model_fields.get(str(part))
         if info is None:
@@ -401,8 +441,11 @@ def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
                                  "is not allowed: use strings, numbers, booleans, lists and mappings")
 
 
-def parse_recipe(source: str | dict | Recipe) -> Recipe:
-    """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field."""
+def parse_recipe(source: str | dict | Recipe, base: str | Path | None = None) -> Recipe:
+    """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field.
+
+    ``base``: the folder relative vector-file paths (``value: v.npy``) resolve against (default: the working
+    directory; :func:`read_recipe` passes the recipe file's folder)."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, str):
@@ -423,7 +466,7 @@ def parse_recipe(source: str | dict | Recipe) -> Recipe:
     if not isinstance(source, dict):
         raise RecipeError("<recipe>", f"a recipe must be a mapping of fields, got {type(source).__name__}")
     try:
-        return Recipe.model_validate(source)
+        return Recipe.model_validate(source, context={"base": str(base) if base is not None else None})
     except ValidationError as exc:
         raise _error_from_validation(exc) from None
 
@@ -450,7 +493,7 @@ def read_recipe(path: str | Path) -> Recipe:
         raise RecipeError("<recipe>", f"{p} is empty (an empty file is not the default recipe; write at least one "
                                       "field, e.g. `exit_layer: -1`, or name a shipped recipe)")
     try:
-        recipe = parse_recipe(text)
+        recipe = parse_recipe(text, base=p.resolve().parent)
     except RecipeError as exc:
         raise RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:]) from None
     return recipe
