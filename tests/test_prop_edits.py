@@ -142,7 +142,7 @@ def test_a_family_without_a_known_projection_is_refused_with_the_fix():
     ([{"site": "layer_in", "layers": 1, "op": "add", "run": "aux", "value": "ones", "rows": "last"}], "edits.0",
      "needs exactly one of `run`"),
     ([{"site": "layer_in", "layers": 1, "op": "add", "run": "aux", "rows": "all"}], "edits.0.rows",
-     "counted from the end"),
+     "counted from the end (not 'all')"),
     ([{"site": "layer_in", "layers": 1, "op": "add", "value": "v.npy"}], "edits.0.value", "cannot read the vector"),
     ([{"site": "layer_in", "layers": 1, "op": "scale", "factor": 2, "rows": {"start": 2, "stop": 1}}],
      "edits.0.rows", "0 <= start < stop"),

@@ -211,9 +211,10 @@ class Recipe(_Frozen):
                 problems.append((f"edits.{k}.run", f"no run named {run!r}{mean} (runs: {known})"))
             fixed = e.rows == "last" or isinstance(e.rows, int) or isinstance(e.rows, tuple) and max(e.rows) < 0
             if run is not None and not fixed:
-                problems.append((f"edits.{k}.rows", "an auxiliary run's rows are taken at the same positions counted "
-                                                    "from the end: use rows: last, a negative position or a list of "
-                                                    f"them (not {e.rows!r})"))
+                why = "has no placeholders to take rows from" if e.rows == "placeholders" else \
+                    f"gives its rows at the same positions counted from the end (not {e.rows!r})"
+                problems.append((f"edits.{k}.rows", f"an auxiliary run {why}: use rows: last, a negative position or "
+                                                    "a list of them"))
             needs_marker = e.rows == "placeholders" and e.op != "bidirectional"
             if (needs_marker or e.op == "bidirectional") and counts == {0}:
                 problems.append((f"edits.{k}", f"rows: placeholders needs a {PLACEHOLDER_MARKER} marker in the "
@@ -299,7 +300,7 @@ def _message(error: dict) -> str:
     """Pydantic's message plus the offending value when it is a short scalar."""
     msg = error["msg"].removeprefix("Value error, ")
     op = _op_of(tuple(error["loc"]))
-    if error["type"] == "missing" and op is not None:
+    if error["type"] == "missing" and op is not None and error["loc"][-2] == op:
         return f"op {op} needs `{error['loc'][-1]}`"
     if error["type"] == "union_tag_invalid":
         return f"unknown op {error['input'].get('op')!r} (allowed: {', '.join(OPS)})" \
@@ -336,7 +337,7 @@ def _unknown_key(loc: tuple) -> str:
     """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``; in an edit, the op's own
     parameters."""
     op = _op_of(loc)
-    if op is not None:
+    if op is not None and len(loc) >= 2 and loc[-2] == op:  # a key of the edit itself, not of a nested mapping
         own = OPS[op].parameters
         close = difflib.get_close_matches(str(loc[-1]), list(OPS[op].spec.model_fields), n=1, cutoff=0.6)
         hint = f"; did you mean `{close[0]}`?" if close else ""
@@ -352,8 +353,11 @@ def _unknown_key(loc: tuple) -> str:
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Recipe
     for k, part in enumerate(loc):
-        if isinstance(part, int) or _is_tag(loc, k):
+        if _is_tag(loc, k) and part in OPS:
+            model = OPS[str(part)].spec
             continue
+        if isinstance(part, int) or _is_tag(loc, k) or (model is Recipe and part == "edits"):
+            continue  # (an edit's model is named by the op tag that follows)
         info = model.model_fields.get(str(part))
         if info is None:
             return None
