@@ -112,13 +112,25 @@ def hidden_for_row(hf, row, recipe, exit_layer, tp_layers=None):
 
 
 def oracle_embed(emb, texts, tp_layers=None) -> torch.Tensor:
-    """What ``emb.encode(texts)`` must return, recomputed one sentence at a time with plain hooks."""
+    """What ``emb.encode(texts)`` must return, recomputed one sentence at a time with plain hooks; the pooling
+    (token pooling, the ``hidden_states`` indices read and their weights) restated from the recipe."""
     m = emb.plan.exit_layer  # the resolved exit layer (the recipe's, or the embedder's override)
+    p = emb.recipe.pooling
+    n = len(decoder_layers(emb.model))
+    tokens, k, layers, weights = (p, 1, None, None) if isinstance(p, str) else (p.tokens, p.k, p.layer_list(),
+                                                                                 p.weights)
+    reads = [m] if layers is None else [j if j >= 0 else n + 1 + j for j in layers]
     per_template = []
     for template in emb.recipe.templates:
         outs = []
         for row in emb.tokenize(texts, template):
-            hs = hidden_for_row(emb.model, row, emb.recipe, m, tp_layers)[m][0].float()
-            outs.append(hs[-1] if emb.recipe.pooling == "last" else hs[row.text_span[0]:row.text_span[1]].mean(0))
+            hs = hidden_for_row(emb.model, row, emb.recipe, m, tp_layers)
+            vecs = []
+            for j in reads:
+                h = hs[j][0].float()
+                vecs.append(h[-1] if tokens == "last" else h[-k:].mean(0) if tokens == "last_k"
+                            else h[row.text_span[0]:row.text_span[1]].mean(0))
+            w = weights or [1.0 / len(vecs)] * len(vecs)
+            outs.append(vecs[0] if len(vecs) == 1 else sum(wi * v for wi, v in zip(w, vecs)))
         per_template.append(torch.stack(outs))
     return torch.stack(per_template).mean(0)

@@ -83,7 +83,7 @@ def test_library_covers_the_paper_tables():
 def test_recipe_file_validates_names_itself_and_round_trips(name):
     path = find_recipe(name)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    recipe = parse_recipe(raw)
+    recipe = parse_recipe(raw, base=path.parent)  # vector files lie next to the recipe
     assert recipe.name == name == path.stem
     assert recipe.description and "\n" not in recipe.description.strip()
     assert parse_recipe(dump_recipe(recipe)) == recipe
