@@ -8,6 +8,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+try:  # the jaxtyping shapes of the edit and pooling code, checked at every call in the suite (issue 21 item 5)
+    from jaxtyping import install_import_hook
+
+    import beartype  # noqa: F401  (the test extra installs it)
+
+    install_import_hook(["tpsurgery.ops", "tpsurgery.backends.surgery", "tpsurgery.backends.pooling"],
+                        "beartype.beartype")
+except ImportError:  # beartype missing: shapes stay documentation
+    pass
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # `ci` keeps the whole suite inside CI's budget; `dev` digs deeper locally (HYPOTHESIS_PROFILE=dev).

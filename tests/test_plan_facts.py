@@ -155,3 +155,14 @@ def test_the_issues_two_edits_as_written_match_the_hook_reference(arch, engine):
     got = torch.as_tensor(emb.encode(TEXTS, batch_size=2))
     want = _reference(model, tok, recipe, 4)
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+def test_tensor_shapes_are_checked_at_run_time_in_the_suite():
+    """tests/conftest.py installs jaxtyping's import hook with beartype on the edit and pooling modules."""
+    pytest.importorskip("beartype")
+    from jaxtyping import TypeCheckError
+
+    from tpsurgery.backends.pooling import pool
+
+    with pytest.raises(TypeCheckError):
+        pool(torch.zeros(2, 3), "last", None)  # [b, d] where [b, l, d] is declared

@@ -23,7 +23,7 @@ this site's first edit, a row of ``x``, the edit's vector, an auxiliary run's ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, ClassVar, Literal, Protocol, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float
@@ -37,6 +37,7 @@ MASK_SITES = ("attn_mask",)
 _NEG = Annotated[int, Field(le=-1), NUM]
 
 
+@runtime_checkable
 class OpContext(Protocol):
     """What a row op's tensor function may read besides ``x`` (built by the backends' surgery)."""
 
