@@ -417,6 +417,7 @@ class Embedder:
         init = self.recipe.placeholder.init
         lines.append(f"placeholder init: {init}" + (f" (embedding row of token {self.placeholder_id})" if init == "token" else ""))
         lines.append(self.plan.describe())
-        lines.append(f"pooling: {self.plan.pooling}")
+        k = f" (k = {self.plan.pool_k})" if self.plan.pooling == "last_k" else ""
+        lines.append(f"pooling: {self.plan.pooling}{k}")
         return "\n".join(lines)
 

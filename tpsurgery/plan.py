@@ -180,6 +180,9 @@ class Plan:
                  else f"output of decoder layer {m - 1}")
         tail = "the LM head never runs" if m == self.n_layers else f"layers {m}.. and the LM head never run"
         lines.append(f"read hidden_states[{m}] ({where}); {tail}")
+        if len(self.read_layers) > 1:
+            how = f"weights {list(self.read_weights)}" if self.read_weights else "mean"
+            lines.append(f"embedding: {how} of the reads of hidden_states{list(self.read_layers)}")
         return "\n".join(lines)
 
 
