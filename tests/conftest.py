@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+from jaxtyping import install_import_hook
 
-try:  # the jaxtyping shapes of the edit and pooling code, checked at every call in the suite (issue 21 item 5)
-    from jaxtyping import install_import_hook
+# Shapes in the code (issue 21 item 5): the jaxtyping annotations of these modules' tensor functions are checked at
+# every call in the whole test suite (beartype, from the test extra). Installed before anything imports tpsurgery.
+SHAPE_CHECKED = ("tpsurgery.ops", "tpsurgery.masks", "tpsurgery.backends.walk", "tpsurgery.backends.hooked",
+                 "tpsurgery.backends.surgery", "tpsurgery.backends.pooling")
+install_import_hook(SHAPE_CHECKED, "beartype.beartype")
 
-    import beartype  # noqa: F401  (the test extra installs it)
-
-    install_import_hook(["tpsurgery.ops", "tpsurgery.backends.surgery", "tpsurgery.backends.pooling"],
-                        "beartype.beartype")
-except ImportError:  # beartype missing: shapes stay documentation
-    pass
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
