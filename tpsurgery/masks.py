@@ -34,7 +34,7 @@ MaskFn = Callable[[Any, Any, Any, Any], Any]
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def _spans(batch: Batch) -> tuple[Bool[torch.Tensor, "B L"], Int[torch.Tensor, " B"], Int[torch.Tensor, " B"]]:
+def _spans(batch: Batch) -> tuple[Bool[torch.Tensor, "b l"], Int[torch.Tensor, " b"], Int[torch.Tensor, " b"]]:
     """Per row: is-placeholder columns [B, L], first placeholder column [B], end of the sentence [B] (exclusive)."""
     b, length = batch.input_ids.shape
     is_ph = torch.zeros((b, length), dtype=torch.bool)
@@ -88,7 +88,7 @@ def edit_functions(batch: Batch, *, mask_placeholders: bool = False, bidirection
 
 
 def allowed(batch: Batch, *, mask_placeholders: bool = False, bidirectional: str | Sequence[str] = "none",
-            sliding_window: int | None = None) -> Bool[torch.Tensor, "B L L"]:
+            sliding_window: int | None = None) -> Bool[torch.Tensor, "b l l"]:
     """The reference boolean mask ``[B, L, L]`` (True = query row may attend to key column), built without
     ``masking_utils``: what :func:`layer_masks` must encode. Used by the tests and the docs."""
     bsz, length = batch.input_ids.shape

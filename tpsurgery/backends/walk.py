@@ -175,7 +175,7 @@ class Walk:
     reads: list = field(default_factory=list)
     kept: dict = field(default_factory=dict)
 
-    def at(self, point: Point, h: Float[torch.Tensor, "B L W"]) -> Float[torch.Tensor, "B L W"]:
+    def at(self, point: Point, h: Float[torch.Tensor, "b l w"]) -> Float[torch.Tensor, "b l w"]:
         """Apply ``point``'s actions to the hidden state found there; returns what the model goes on with (``h``
         itself when nothing was edited)."""
         for a in point.actions:
@@ -199,7 +199,7 @@ class Walk:
 
         return fn
 
-    def result(self, plan_schedule: Schedule, all_layers: bool, where: str) -> Float[torch.Tensor, "B *n d"]:
+    def result(self, plan_schedule: Schedule, all_layers: bool, where: str) -> Float[torch.Tensor, "b *n d"]:
         """``[B, d]`` (the reads of ``plan.read_layers`` combined), or ``[B, n, d]`` every read with ``all_layers``
         (a ``device_map``'ed model reads each layer on its own device: all go to the first one's)."""
         if len(self.reads) != len(plan_schedule.reads):
