@@ -13,7 +13,7 @@ from tpsurgery.recipe import parse_recipe
 N = 5
 
 
-def plan(exit_layer: int, tp=(1, 3), **extra):
+def plan(exit_layer: int, tp=(0, 3), **extra):
     recipe = {"prompt": "<PST> {text} means", "tp": {"start": tp[0], "stop": tp[1]}, "exit_layer": exit_layer, **extra}
     return compile_plan(parse_recipe(recipe), N, 8)
 
@@ -38,9 +38,9 @@ def test_reads_are_where_hidden_states_are_and_the_last_point_is_the_deepest_rea
     assert last.actions[-1].kind == "read"
     order = [(pt.layer, SITES.index(pt.site)) for pt in s.points]
     assert order == sorted(order) and len(set(order)) == len(order)  # execution order, one point per hook point
-    # TP [1, 3): an edit of layer i's input for each i < exit, after the read of hidden_states[i] at the same point
+    # TP [0, 3): an edit of layer i's input for each i < exit, after the read of hidden_states[i] at the same point
     tp = [(layer, j) for layer, site, kind, j in flat(s) if site == "layer_in" and kind == "edit"]
-    assert [layer for layer, _ in tp] == [i for i in (1, 2) if i < exit_layer]
+    assert [layer for layer, _ in tp] == [i for i in (0, 1, 2) if i < exit_layer]
     for pt in s.points:
         kinds = [a.kind for a in pt.actions]
         if pt.site == "layer_in" and "read" in kinds and "edit" in kinds:
