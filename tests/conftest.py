@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+from jaxtyping import install_import_hook
+
+# Shapes in the code (issue 21 item 5): the jaxtyping annotations of these modules' tensor functions are checked at
+# every call in the whole test suite (beartype, from the test extra). Installed before anything imports tpsurgery.
+SHAPE_CHECKED = ("tpsurgery.ops", "tpsurgery.masks", "tpsurgery.backends.walk", "tpsurgery.backends.hooked",
+                 "tpsurgery.backends.surgery", "tpsurgery.backends.pooling")
+install_import_hook(SHAPE_CHECKED, "beartype.beartype")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

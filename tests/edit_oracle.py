@@ -24,10 +24,26 @@ def o_proj(model, layer):
     return obj
 
 
-def positions(rows, length: int, placeholders: list[int]) -> list[int]:
+def positions(rows, length: int, placeholders: list[int], text_span=(0, 0)) -> list[int]:
+    """The rows a selector names in an unpadded sequence, each once, in order (docs/recipes.md)."""
     if rows == "placeholders":
         return list(placeholders)
-    return [length - 1] if rows == "last" else [length + rows]
+    if rows == "last":
+        return [length - 1]
+    if rows == "all":
+        return list(range(length))
+    if rows == "sentence":
+        return list(range(*text_span))
+    if rows == "prompt":
+        return [p for p in range(length) if p not in placeholders and not text_span[0] <= p < text_span[1]]
+    if isinstance(rows, dict):  # a span of positions
+        rows = list(range(rows["start"], rows["stop"]))
+    ps = list(rows) if isinstance(rows, (list, tuple)) else [rows]
+    return sorted({p if p >= 0 else length + p for p in ps})
+
+
+def _hashable(rows):
+    return tuple(rows) if isinstance(rows, list) else rows
 
 
 def columns(e: dict, width: int, n_heads: int) -> list[int]:
@@ -37,13 +53,14 @@ def columns(e: dict, width: int, n_heads: int) -> list[int]:
     return [c for h in e["heads"] for c in range(h * hd, (h + 1) * hd)]
 
 
-def apply_row_edits(h: torch.Tensor, edits: list[dict], placeholders: list[int], captured: dict, n_heads: int):
+def apply_row_edits(h: torch.Tensor, edits: list[dict], placeholders: list[int], captured: dict, n_heads: int,
+                    text_span=(0, 0)):
     """``h`` [1, L, w] edited in order, one row and column list at a time."""
     h = h.clone()
     orig = h.clone()
     length = h.shape[1]
     for e in edits:
-        ps = positions(e["rows"], length, placeholders)
+        ps = positions(e["rows"], length, placeholders, text_span)
         cols = torch.tensor(columns(e, h.shape[-1], n_heads))
         if e["op"] == "copy":
             src = h[0, length + e["source"], cols].clone()
@@ -54,12 +71,14 @@ def apply_row_edits(h: torch.Tensor, edits: list[dict], placeholders: list[int],
             elif e["op"] == "copy":
                 new = e["alpha"] * src + (1 - e["alpha"]) * row if e["alpha"] != 1.0 else src
             elif e["op"] in ("add", "subtract"):
-                other = captured[(e["run"], e["site"], e["layer"])][k, cols]
+                other = captured[(e["run"], e["site"], e["layer"])][k, cols] if "run" in e else e["vector"][cols]
                 new = row + other if e["op"] == "add" else row - other
             elif e["op"] == "scale":
                 new = row * e["factor"]
-            else:  # recover_norm
+            elif e["op"] == "recover_norm":
                 new = row * (orig[0, p, cols].norm() / (row.norm() + e["eps"]))
+            else:
+                raise NotImplementedError(f"the reference does not know op {e['op']!r}: add it here")
             h[0, p, cols] = new.to(h.dtype)
     return h
 
@@ -101,14 +120,14 @@ def _site_hooks(model, site: str, layer: int, fn):
 
 
 def reference_read(model, ids: list[int], placeholders: list[int], edits: list[dict], exit_layer: int,
-                   runs: dict[str, list[int]] | None = None) -> torch.Tensor:
+                   runs: dict[str, list[int]] | None = None, text_span=(0, 0)) -> torch.Tensor:
     """``hidden_states[exit_layer]`` [L, d] of one sentence with ``edits`` (dicts: site, layer, op, rows, ... and
     ``vector`` for write), auxiliary runs given as token ids."""
     n_heads = model.config.num_attention_heads
     layers, _, norm, _ = decoder_parts(model)
     captured: dict = {}
     for name, aux_ids in (runs or {}).items():
-        wanted = {(e["site"], e["layer"], e["rows"]) for e in edits if e.get("run") == name}
+        wanted = {(e["site"], e["layer"], _hashable(e["rows"])) for e in edits if e.get("run") == name}
         hooks = []
         for site, layer, rows in wanted:
             def grab(t, key=(name, site, layer), rows=rows):
@@ -127,7 +146,7 @@ def reference_read(model, ids: list[int], placeholders: list[int], edits: list[d
         groups.setdefault((e["site"], e["layer"]), []).append(e)
     for (site, layer), group in groups.items():
         hooks.append(_site_hooks(model, site, layer,
-                                 lambda t, g=group: apply_row_edits(t, g, placeholders, captured, n_heads)))
+                                 lambda t, g=group: apply_row_edits(t, g, placeholders, captured, n_heads, text_span)))
     if 0 < exit_layer < n:
         hooks.append(_site_hooks(model, "layer_out", exit_layer - 1, keep))
     elif exit_layer == n:

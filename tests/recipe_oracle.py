@@ -50,39 +50,87 @@ def decoder_layers(hf):
     return decoder_parts(hf)[0]
 
 
-def hidden_for_row(hf, row, plan, tp_layers=None):
-    """HF ``hidden_states`` of one encoded row (``prompts.Encoded``) with the plan's edits done by hooks."""
+def named_vector(kind: str, size: int, seed: int = 0, mean: float = 0.0, std: float = 1.0):
+    """The documented named vectors, restated: zeros, ones, U[0, 1) and N(mean, std) from a seeded generator."""
+    if kind == "zeros":
+        return torch.zeros(size)
+    if kind == "ones":
+        return torch.ones(size)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(size, generator=g) if kind == "uniform" else torch.randn(size, generator=g) * std + mean
+
+
+def schedule(recipe, n_layers: int, exit_layer: int, hidden: int) -> dict:
+    """What the recipe asks for, read from the recipe's own fields (never the plan): TP layers below the exit layer,
+    TP source and alpha, the placeholder's initial row, and per layer ``(hide placeholders, bidirectional mode)``."""
+    tp, m = recipe.tp, exit_layer
+    layers = {i for s in tp.spans for i in range(s.start, s.stop)}
+    layers |= set(range(tp.resume, n_layers)) if tp.resume is not None else set()
+    p = recipe.placeholder
+    init = None if p.init == "token" else named_vector(p.init, hidden, p.seed, p.mean, p.std)
+    masks: dict[int, tuple[bool, str]] = {}
+    if p.mask == "first_layer" and m > 0:
+        masks[0] = (True, "none")
+    att = recipe.attention
+    if att.bidirectional != "none":
+        for i in range(att.layers.start, att.layers.stop) if att.layers else range(n_layers):
+            if i < m:
+                masks[i] = (masks.get(i, (False, "none"))[0], att.bidirectional)
+    for e in recipe.edits:
+        if e.site == "attn_mask":
+            for i in e.layer_list():
+                if i < m:
+                    hide, mode = masks.get(i, (False, "none"))
+                    masks[i] = (hide or e.op == "hide", e.mode if e.op == "bidirectional" else mode)
+    return {"tp_layers": tuple(sorted(i for i in layers if i < m)), "source": tp.source, "alpha": tp.alpha,
+            "init_vector": init, "masks": masks}
+
+
+def hidden_for_row(hf, row, recipe, exit_layer, tp_layers=None):
+    """HF ``hidden_states`` of one encoded row (``prompts.Encoded``) with the recipe's edits done by hooks."""
     types = getattr(hf.config, "layer_types", None)
     dtype = next(hf.parameters()).dtype
+    n_layers = len(decoder_layers(hf))
+    sched = schedule(recipe, n_layers, exit_layer, hf.get_input_embeddings().weight.shape[1])
     length = len(row.ids)
     ph = list(row.placeholders)
     ones = torch.ones((1, length), dtype=torch.long)
     masks: dict[tuple, torch.Tensor] = {}  # the same rule for every layer of one kind
     layer_masks = {}
-    for i in (range(len(decoder_layers(hf))) if ph else ()):
-        if i not in plan.mask_layers and i not in plan.bidirectional_layers:
-            continue
+    for i, (hide, mode) in (sched["masks"].items() if ph else ()):
         window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
-        key = (window, i in plan.mask_layers, plan.bidirectional if i in plan.bidirectional_layers else "none")
+        key = (window, hide, mode)
         if key not in masks:
-            ok = rule(ones, torch.tensor([ph]), torch.tensor([row.text_span[1]]), mask_placeholders=key[1],
-                      bidirectional=key[2], window=window)
+            ok = rule(ones, torch.tensor([ph]), torch.tensor([row.text_span[1]]), mask_placeholders=hide,
+                      bidirectional=mode, window=window)
             masks[key] = additive(ok, dtype)
         layer_masks[i] = masks[key]
     return reference_hidden(hf, torch.tensor([row.ids]), ones, torch.arange(length)[None],
-                            placeholders=torch.tensor([ph], dtype=torch.long), source=plan.source,
-                            tp_layers=plan.tp_layers if tp_layers is None else tp_layers, alpha=plan.alpha,
-                            init_vector=plan.init_vector, layer_masks=layer_masks)
+                            placeholders=torch.tensor([ph], dtype=torch.long), source=sched["source"],
+                            tp_layers=sched["tp_layers"] if tp_layers is None else tp_layers, alpha=sched["alpha"],
+                            init_vector=sched["init_vector"], layer_masks=layer_masks)
 
 
 def oracle_embed(emb, texts, tp_layers=None) -> torch.Tensor:
-    """What ``emb.encode(texts)`` must return, recomputed one sentence at a time with plain hooks."""
-    plan = emb.plan
+    """What ``emb.encode(texts)`` must return, recomputed one sentence at a time with plain hooks; the pooling
+    (token pooling, the ``hidden_states`` indices read and their weights) restated from the recipe."""
+    m = emb.plan.exit_layer  # the resolved exit layer (the recipe's, or the embedder's override)
+    p = emb.recipe.pooling
+    n = len(decoder_layers(emb.model))
+    tokens, k, layers, weights = (p, 1, None, None) if isinstance(p, str) else (p.tokens, p.k, p.layer_list(),
+                                                                                 p.weights)
+    reads = [m] if layers is None else [j if j >= 0 else n + 1 + j for j in layers]
     per_template = []
     for template in emb.recipe.templates:
         outs = []
         for row in emb.tokenize(texts, template):
-            hs = hidden_for_row(emb.model, row, plan, tp_layers)[plan.exit_layer][0].float()
-            outs.append(hs[-1] if plan.pooling == "last" else hs[row.text_span[0]:row.text_span[1]].mean(0))
+            hs = hidden_for_row(emb.model, row, emb.recipe, m, tp_layers)
+            vecs = []
+            for j in reads:
+                h = hs[j][0].float()
+                vecs.append(h[-1] if tokens == "last" else h[-k:].mean(0) if tokens == "last_k"
+                            else h[row.text_span[0]:row.text_span[1]].mean(0))
+            w = weights or [1.0 / len(vecs)] * len(vecs)
+            outs.append(vecs[0] if len(vecs) == 1 else sum(wi * v for wi, v in zip(w, vecs)))
         per_template.append(torch.stack(outs))
     return torch.stack(per_template).mean(0)

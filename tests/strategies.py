@@ -79,35 +79,39 @@ def _spans(draw, n_layers: int, max_spans: int = 2):
     return [{"start": a, "stop": b} for a, b in zip(cuts[::2], cuts[1::2])]
 
 
+ROW_SELECTORS = ("last", -1, 0, "all", "sentence", "prompt", [0, -1], {"start": -1, "stop": 0})
+RUN_ROWS = ("last", -1, [-1])  # an auxiliary run's rows: counted from the end
+
+
 @st.composite
 def surgery_sections(draw, n_layers: int, has_marker: bool, max_edits: int = 3) -> dict:
-    """A random ``runs`` + ``edits`` section (row ops at every row site; issue 12): what a researcher might write."""
+    """A random ``runs`` + ``edits`` section (issue 12): row ops drawn from the op registry (``tpsurgery.ops.OPS``:
+    every op with a tensor function, with one of its example parameter sets, numbers sometimes redrawn), at every row
+    site, on every kind of row selector. A new op is drawn the day it is registered."""
+    from tpsurgery.ops import OPS
+
     out: dict = {}
     if draw(st.booleans()):
         out["runs"] = {"aux": "q" + draw(templates(markers=False))}
     edits = []
     for _ in range(draw(st.integers(1, max_edits))):
         site = draw(st.sampled_from(["embed", "layer_in", "attn_out_in", "layer_out"]))
-        op = draw(st.sampled_from(["write", "copy", "scale", "recover_norm"] + (["add", "subtract"] if "runs" in out else [])))
-        e: dict = {"site": site, "op": op}
+        op = draw(st.sampled_from(sorted(n for n, o in OPS.items() if o.fn is not None and site in o.sites)))
+        params = dict(draw(st.sampled_from([p for p in OPS[op].examples if "run" not in p or "runs" in out])))
+        e: dict = {"site": site, "op": op, **params}
         if site != "embed":
             e["layers"] = draw(st.integers(0, n_layers - 1) | st.lists(st.integers(0, n_layers - 1), min_size=1,
                                                                         max_size=2, unique=True))
-        rows = ["last", -1] + (["placeholders"] if has_marker and op not in ("add", "subtract") else [])
+        rows = RUN_ROWS if "run" in e else ROW_SELECTORS + (("placeholders",) if has_marker else ())
         e["rows"] = draw(st.sampled_from(rows))
         if site == "attn_out_in" and draw(st.booleans()):
             e["heads"] = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
-        if op == "write":
-            e["value"] = draw(st.sampled_from(["zeros", "ones", "uniform", "gaussian"]))
+        if "seed" in e:
             e["seed"] = draw(st.integers(0, 99))
-        elif op == "copy":
+        if "alpha" in e or (op == "copy" and draw(st.booleans())):
             e["alpha"] = draw(st.sampled_from([1.0, 0.5]) | st.floats(0, 1))
-        elif op == "scale":
-            e["factor"] = draw(st.sampled_from([2.0, -1.0, 0.0]) | st.floats(-3, 3))
-        elif op == "recover_norm":
-            e["eps"] = draw(st.sampled_from([0.0, 1e-7]))
-        else:
-            e["run"] = "aux"
+        if "factor" in e and draw(st.booleans()):
+            e["factor"] = draw(st.floats(-3, 3))
         edits.append(e)
     out["edits"] = edits
     return out

@@ -26,8 +26,10 @@ GOLDEN = ROOT / "tests" / "golden" / "recipe-embeddings.npz"
 TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field while a child watches",
          'He said "no"?', "x"]
 TINY = ("llama", "gemma2", "gpt2", "falcon")
+# issue 21's example recipes came after the golden file (their oracles: test_plan_facts.py, test_recipes_library.py)
+AFTER_GOLDEN = {"smollm2-actadd-steering", "smollm2-head-ablation", "smollm2-layer-average"}
 RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("cp-")
-                 and "-cp" not in p.stem)
+                 and "-cp" not in p.stem and p.stem not in AFTER_GOLDEN)
 
 
 def embed_all(model, tok, key: str) -> dict[str, np.ndarray]:

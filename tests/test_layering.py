@@ -135,7 +135,7 @@ def test_a_backend_without_prefix_support_refuses_a_prefix(backends):
     _, tl, model = backends
     plan = compile_plan(parse_recipe("prompt: 'This : {text} means'"), tl.n_layers, 32)
     prefix = compute_prefix(model, [1, 2, 3])
-    batch = collate([Encoded((4, 5), (), (0, 2))], 0, plan.source)
+    batch = collate([Encoded((4, 5), (), (0, 2))], 0, plan.reach)
     with pytest.raises(BackendError, match="cannot run on a prompt prefix"):
         tl.run(plan, batch, prefix=prefix)
     assert tl.run(plan, batch).shape == (1, 32)

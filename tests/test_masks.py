@@ -22,7 +22,7 @@ from tpsurgery.library import load_recipe
 from tpsurgery.recipe import parse_recipe
 from tpsurgery.testing import tiny_model
 
-from recipe_oracle import additive, oracle_embed, rule
+from recipe_oracle import additive, oracle_embed, rule, schedule
 from tpsurgery.foreign import observer
 
 N = 4
@@ -35,29 +35,32 @@ def model(arch: str, n_layers: int = N):
     return tiny_model(arch, n_layers=n_layers, hidden=32, seed=1)
 
 
-def oracle(hf, plan, batch):
+def oracle(hf, recipe, m, batch):
     """Last-token (or mean) read of hidden_states[M] with TP and mask swaps done by plain forward-pre-hooks."""
     layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.h
     types = getattr(hf.config, "layer_types", None)
     dtype = next(hf.parameters()).dtype
     rows = torch.arange(batch.size).unsqueeze(1)
     handles = []
-    if plan.init_vector is not None:
+    sched = schedule(recipe, len(layers), m, hf.get_input_embeddings().weight.shape[1])  # from the recipe
+    init_vector = sched["init_vector"]
+    if init_vector is not None:
         embed = hf.get_input_embeddings()
 
         def init(mod, args, out):
             out = out.clone()
-            out[rows, batch.placeholders] = plan.init_vector.to(out.dtype)
+            out[rows, batch.placeholders] = init_vector.to(out.dtype)
             return out
         handles.append(embed.register_forward_hook(init))
-    for i in range(plan.layers_run):
-        edit_mask = i in plan.mask_layers or i in plan.bidirectional_layers
-        tp = i in plan.tp_layers
+    for i in range(min(m, len(layers))):
+        hide, mode = sched["masks"].get(i, (False, "none"))
+        edit_mask = i in sched["masks"]
+        tp = i in sched["tp_layers"]
         if not (edit_mask or tp):
             continue
         window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
-        ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=i in plan.mask_layers,
-                  bidirectional=plan.bidirectional if i in plan.bidirectional_layers else "none", window=window)
+        ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=hide,
+                  bidirectional=mode, window=window)
         float_mask = additive(ok, dtype)
 
         def hook(mod, args, kwargs, float_mask=float_mask, edit_mask=edit_mask, tp=tp):
@@ -80,7 +83,7 @@ def oracle(hf, plan, batch):
     finally:
         for h in handles:
             h.remove()
-    return hs[plan.exit_layer][:, -1].float()
+    return hs[m][:, -1].float()
 
 
 VARIANTS = {
@@ -99,8 +102,8 @@ def test_engine_equals_mask_swapping_hook_oracle(arch, variant):
     emb = tpsurgery.apply(hf, {"prompt": COT, "exit_layer": -1, **VARIANTS[variant]}, tokenizer=tok)
     got = emb.encode(TEXTS, convert_to_tensor=True)
     rows = emb.tokenize(TEXTS, COT)
-    batch = collate(rows, emb.pad_id, emb.plan.source, hide_placeholders=emb.plan.hide_placeholders)
-    want = oracle(hf, emb.plan, batch)
+    batch = collate(rows, emb.pad_id, emb.recipe.tp.source, hide_placeholders=emb.recipe.placeholder.mask == "all")
+    want = oracle(hf, emb.recipe, emb.plan.exit_layer, batch)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
     # and the edit is not a no-op: the plain recipe differs
     plain = tpsurgery.apply(hf, {"prompt": COT, "exit_layer": -1, "tp": VARIANTS[variant].get("tp", [])},
@@ -264,3 +267,87 @@ def test_mask_recipe_equals_the_oracle_on_smollm2(smollm2):
     got = emb.encode(texts, convert_to_tensor=True)
     want = oracle_embed(emb, texts)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+# --- each layer's mask is made of that layer's own edits (issue 21: mixed modes) -------------------------------------
+MIXED = {"prompt": COT, "exit_layer": -1, "edits": [
+    {"site": "attn_mask", "layers": 0, "op": "bidirectional", "mode": "last_token"},
+    {"site": "attn_mask", "layers": [1, 2], "op": "bidirectional", "mode": "sentence"},
+    {"site": "attn_mask", "layers": 2, "op": "hide"}]}
+
+
+def _recipe_masks(recipe: dict) -> dict[int, tuple[bool, tuple[str, ...]]]:
+    """``{layer: (hide placeholders, bidirectional modes)}`` read from the recipe's ``edits`` list."""
+    out: dict[int, tuple[bool, tuple[str, ...]]] = {}
+    for e in recipe["edits"]:
+        for i in e["layers"] if isinstance(e["layers"], list) else [e["layers"]]:
+            hide, modes = out.get(i, (False, ()))
+            out[i] = (hide or e["op"] == "hide", modes + ((e["mode"],) if e["op"] == "bidirectional" else ()))
+    return out
+
+
+def _rule_of(batch, hide, modes, window):
+    ok = rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=hide,
+              bidirectional=modes[0] if modes else "none", window=window)
+    for mode in modes[1:]:
+        ok |= rule(batch.attention_mask, batch.placeholders, batch.text_end, mask_placeholders=hide,
+                   bidirectional=mode, window=window)
+    return ok
+
+
+def _mask_swap_oracle(hf, recipe: dict, batch) -> torch.Tensor:
+    """Last-token read of the final-norm output with each layer's mask swapped in by a plain forward-pre-hook."""
+    layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+    types = getattr(hf.config, "layer_types", None)
+    dtype = next(hf.parameters()).dtype
+    handles = []
+    for i, (hide, modes) in _recipe_masks(recipe).items():
+        window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
+        float_mask = additive(_rule_of(batch, hide, modes, window), dtype)
+
+        def hook(mod, args, kwargs, float_mask=float_mask):
+            if "attention_mask" in kwargs:
+                return args, {**kwargs, "attention_mask": float_mask}
+            return (*args[:2], float_mask, *args[3:]), kwargs  # GPT-2 passes it positionally
+        handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            hs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    output_hidden_states=True, use_cache=False).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    return hs[-1][:, -1].float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("engine", ["hooks", "trace", "transformer_lens"])
+def test_each_layer_gets_the_mask_of_its_own_edits(arch, engine):
+    """last_token at layer 0, sentence at layers 1-2 (and hidden placeholders at 2): before issue 21 every layer got
+    the first edit's mode."""
+    hf, tok = model(arch)
+    kw = {"backend": "transformer_lens"} if engine == "transformer_lens" else {}
+    emb = tpsurgery.apply(hf, MIXED, tokenizer=tok, **kw)
+    if engine == "trace":
+        emb.backend.fast_path = False
+    got = emb.encode(TEXTS, convert_to_tensor=True, batch_size=8)
+    batch = collate(emb.tokenize(TEXTS, COT), emb.pad_id)
+    want = _mask_swap_oracle(hf, MIXED, batch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    emb.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_layer_masks_follow_each_layers_own_edits(arch):
+    hf, tok = model(arch)
+    emb = tpsurgery.apply(hf, MIXED, tokenizer=tok)
+    batch = collate(emb.tokenize(TEXTS, COT), emb.pad_id)
+    masks = layer_masks(hf, emb.plan, batch)
+    types = getattr(hf.config, "layer_types", None)
+    real = batch.attention_mask.bool()
+    assert sorted(masks) == sorted(_recipe_masks(MIXED))
+    for i, (hide, modes) in _recipe_masks(MIXED).items():
+        window = hf.config.sliding_window if types and types[i] == "sliding_attention" else None
+        m = masks[i]
+        got = m[:, 0] == 0 if m.dtype.is_floating_point else m[:, 0]
+        assert torch.equal(got[real], _rule_of(batch, hide, modes, window)[real]), f"layer {i}"

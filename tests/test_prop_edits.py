@@ -26,12 +26,16 @@ TEXTS = st.lists(st.text(st.characters(min_codepoint=97, max_codepoint=122) | st
 
 def vector(e: dict, size: int) -> torch.Tensor:
     """The documented named vectors, restated: zeros, ones, U[0,1) and N(mean, std) from a seeded generator."""
+    if isinstance(e["value"], list):
+        return torch.tensor(e["value"], dtype=torch.float32)
     if e["value"] == "zeros":
         return torch.zeros(size)
     if e["value"] == "ones":
         return torch.ones(size)
     g = torch.Generator().manual_seed(e.get("seed", 0))
-    return torch.rand(size, generator=g) if e["value"] == "uniform" else torch.randn(size, generator=g)
+    if e["value"] == "uniform":
+        return torch.rand(size, generator=g)
+    return torch.randn(size, generator=g) * e.get("std", 1.0) + e.get("mean", 0.0)
 
 
 def expand(model, raw: list[dict]) -> list[dict]:
@@ -45,7 +49,7 @@ def expand(model, raw: list[dict]) -> list[dict]:
         layers = [0] if e["site"] == "embed" else e["layers"] if isinstance(e["layers"], list) else [e["layers"]]
         for i in layers:
             d = {"rows": "placeholders", "source": -1, "alpha": 1.0, "eps": 0.0, **e, "layer": i}
-            if e["op"] == "write":
+            if "value" in e:
                 d["vector"] = vector(e, width if e["site"] == "attn_out_in" else hidden)
             out.append(d)
     return out
@@ -65,14 +69,19 @@ def test_random_edit_lists_match_the_hook_reference(data):
     rows = [byte_encode(template, t, ph_id=0, bos=False, preprocessing=True, official=False, limit=max_length(model))
             for t in texts]
     assume(all(r is not None and len(r.ids) > 0 for r in rows))
-    got = tpsurgery.apply(model, recipe, tokenizer=tok).encode(texts, batch_size=data.draw(st.integers(1, 4)))
+    batch_size = data.draw(st.integers(1, 4))
+    # prompt-prefix reuse on and off: both must equal the reference (edits before the placeholder included)
+    got = {cache: tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=cache).encode(texts, batch_size=batch_size)
+           for cache in (True, False)}
     edits = expand(model, section["edits"])
     for k, (text, row) in enumerate(zip(texts, rows)):
         runs = {name: byte_encode(t, text, ph_id=0, bos=False, preprocessing=True, official=False,
                                   limit=max_length(model)).ids for name, t in section.get("runs", {}).items()}
-        want = reference_read(model, list(row.ids), list(row.placeholders), edits, exit_layer, runs)[-1]
-        err = float((torch.as_tensor(got[k]) - want).abs().max() / want.abs().max().clamp(min=1e-6))
-        assert err <= 1e-4, f"sentence {k}: relative error {err:.2e}"
+        want = reference_read(model, list(row.ids), list(row.placeholders), edits, exit_layer, runs,
+                              row.text_span)[-1]
+        for cache, out in got.items():
+            err = float((torch.as_tensor(out[k]) - want).abs().max() / want.abs().max().clamp(min=1e-6))
+            assert err <= 1e-4, f"sentence {k}, prefix_cache={cache}: relative error {err:.2e}"
 
 
 def test_transformer_lens_runs_edit_lists_like_nnsight():
@@ -125,13 +134,25 @@ def test_a_family_without_a_known_projection_is_refused_with_the_fix():
     ([{"site": "attn_out_in", "layers": 1, "op": "scale", "factor": 2, "heads": [7]}], "edits.0.heads", "allowed: 0..3"),
     ([{"site": "layer_in", "layers": 1, "op": "write", "value": [1.0, 2.0]}], "edits.0.value", "2 numbers"),
     ([{"site": "layer_in", "layers": 1, "op": "subtract", "run": "nope", "rows": "last"}], "edits.0.run", "no run named"),
-    ([{"site": "layer_in", "layers": 1, "op": "scale"}], "edits.0", "needs `factor`"),
-    ([{"site": "layer_in", "layers": 1, "op": "copy", "factor": 2}], "edits.0", "not a parameter of op copy"),
+    ([{"site": "layer_in", "layers": 1, "op": "scale"}], "edits.0.factor", "op scale needs `factor`"),
+    ([{"site": "layer_in", "layers": 1, "op": "copy", "factor": 2}], "edits.0.factor",
+     "not a parameter of op copy (its parameters: source, alpha"),
+    ([{"site": "layer_in", "layers": 1, "op": "frob"}], "edits.0", "unknown op 'frob' (allowed: write, copy, add"),
+    ([{"site": "layer_in", "layers": 1, "op": "add"}], "edits.0", "needs exactly one of `run`"),
+    ([{"site": "layer_in", "layers": 1, "op": "add", "run": "aux", "value": "ones", "rows": "last"}], "edits.0",
+     "needs exactly one of `run`"),
+    ([{"site": "layer_in", "layers": 1, "op": "add", "run": "aux", "rows": "all"}], "edits.0.rows",
+     "counted from the end (not 'all')"),
+    ([{"site": "layer_in", "layers": 1, "op": "add", "value": "v.npy"}], "edits.0.value", "cannot read the vector"),
+    ([{"site": "layer_in", "layers": 1, "op": "scale", "factor": 2, "rows": {"start": 2, "stop": 1}}],
+     "edits.0.rows", "0 <= start < stop"),
+    ([{"site": "layer_in", "layers": 1, "op": "scale", "factor": 2, "rows": [0, 0]}], "edits.0.rows", "repeat"),
     ([{"site": "embed", "layers": 1, "op": "scale", "factor": 2}], "edits.0", "takes no `layers`"),
     ([{"site": "layer_in", "op": "scale", "factor": 2}], "edits.0", "needs `layers`"),
     ([{"site": "layer_in", "layers": 1, "op": "hide"}], "edits.0", "op 'hide' does not apply at site"),
     ([{"site": "layer_out", "layers": 1, "op": "scale", "factor": 2, "heads": [0]}], "edits.0", "attn_out_in only"),
-    ([{"site": "layer_in", "layers": 1, "op": "scale", "factor": 2, "rows": 0}], "edits.0.rows", ""),
+    ([{"site": "layer_in", "layers": 1, "op": "scale", "factor": 2, "rows": "everything"}], "edits.0.rows",
+     "'placeholders', 'last', 'all', 'sentence' or 'prompt'"),
 ])
 def test_edit_errors_name_the_field(edits, field, words):
     model, tok = tiny_model("llama", n_layers=4)

@@ -181,11 +181,11 @@ def test_exit_layer_before_scheduled_tp_layers_warns_and_drops_them(llama):
     with pytest.warns(UserWarning, match=r"tp.spans.0 \[1, 4\): TP before decoder layers >= 2 is dropped") as rec:
         emb = tpsurgery.apply(model, {"prompt": P, "tp": {"start": 1, "stop": 4}, "exit_layer": 2}, tokenizer=tok)
     assert len([w for w in rec if "dropped" in str(w.message)]) == 1
-    assert emb.plan.tp_layers == (1,)
+    assert [e.layer for e in emb.plan.at("layer_in")] == [1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing cut: no warning
-        assert tpsurgery.apply(model, {"prompt": P, "tp": {"start": 1, "stop": 2}, "exit_layer": 2},
-                               tokenizer=tok).plan.tp_layers == (1,)
+        plan = tpsurgery.apply(model, {"prompt": P, "tp": {"start": 1, "stop": 2}, "exit_layer": 2}, tokenizer=tok).plan
+        assert [e.layer for e in plan.at("layer_in")] == [1]
 
 
 def test_a_marker_inside_a_word_is_refused_where_it_splits_a_token(smollm2):

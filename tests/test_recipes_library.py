@@ -28,6 +28,16 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2", "gemma2", "phi3", "gpt_neox", "mist
 TEXTS = ['A man is playing a guitar "loudly"', "Is it raining?"]
 
 
+def tp_layers(plan) -> tuple[int, ...]:
+    """The layers whose placeholder rows TP overwrites, read off the plan's edit list."""
+    return tuple(e.layer for e in plan.at("layer_in") if e.op == "copy" and e.rows == "placeholders")
+
+
+def init_row(plan):
+    """The placeholders' initial embedding-output row (None: the carrier token's own row), off the edit list."""
+    return next((e.vector.tensor for e in plan.at("embed") if e.op == "write"), None)
+
+
 @functools.lru_cache(maxsize=None)
 def deep(arch: str, bos: bool = False, depth: int = 14):
     """A tiny random decoder (hidden 16) deep enough for the paper's layer numbers, shared by the module."""
@@ -74,7 +84,7 @@ def test_library_covers_the_paper_tables():
 def test_recipe_file_validates_names_itself_and_round_trips(name):
     path = find_recipe(name)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    recipe = parse_recipe(raw)
+    recipe = parse_recipe(raw, base=path.parent)  # vector files lie next to the recipe
     assert recipe.name == name == path.stem
     assert recipe.description and "\n" not in recipe.description.strip()
     assert parse_recipe(dump_recipe(recipe)) == recipe
@@ -114,13 +124,13 @@ def test_resume_equals_stop_then_restart_computed_by_hand():
     emb = embedder("prompteol-tp-resume-16")
     assert emb.plan.exit_layer == 27
     by_hand = [1, 2, 3, 4, 5, 6, 7] + list(range(16, 27))  # TP [1, 8), pause, resume at 16 up to the exit
-    assert list(emb.plan.tp_layers) == by_hand
+    assert list(tp_layers(emb.plan)) == by_hand
     got = emb.encode(TEXTS)
     assert close(got, oracle_embed(emb, TEXTS, tp_layers=by_hand))
     no_resume = embedder("prompteol-tp-resume-16", tp={"start": 1, "stop": 8})  # same 32-layer model
     assert not close(got, no_resume.encode(TEXTS))  # resuming changes the embedding
     late = embedder("prompteol-tp-resume-26")
-    assert list(late.plan.tp_layers) == [1, 2, 3, 4, 5, 6, 7, 26]  # layer 26 is the last one before hidden_states[27]
+    assert list(tp_layers(late.plan)) == [1, 2, 3, 4, 5, 6, 7, 26]  # layer 26 is the last one before hidden_states[27]
 
 
 def test_metaeol_is_the_mean_of_its_single_prompt_runs():
@@ -192,14 +202,14 @@ def test_initialisations_use_their_own_rows():
     for init in ("zeros", "ones", "uniform", "gaussian", "space"):
         emb = embedder(f"cot-tp-init-{init}")
         rows[init] = emb.encode(TEXTS)
-        vec = emb.plan.init_vector
+        vec = init_row(emb.plan)
         if init == "space":
             assert vec is None and emb.placeholder_id == ord(" ")  # the byte tokenizer's space token
         else:
             assert vec is not None and vec.shape == (16,)
-    assert float(embedder("cot-tp-init-zeros").plan.init_vector.abs().max()) == 0.0
-    assert float(embedder("cot-tp-init-ones").plan.init_vector.min()) == 1.0
-    u = embedder("cot-tp-init-uniform").plan.init_vector
+    assert float(init_row(embedder("cot-tp-init-zeros").plan).abs().max()) == 0.0
+    assert float(init_row(embedder("cot-tp-init-ones").plan).min()) == 1.0
+    u = init_row(embedder("cot-tp-init-uniform").plan)
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     names = list(rows)
     for i, a in enumerate(names):
@@ -215,7 +225,7 @@ def test_official_compat_adds_the_lone_space_token_and_draws_a_standard_normal_r
     p = o.placeholders[0]
     assert o.ids[p + 1] == ord(" ") and list(o.ids[:p]) == list(e.ids[:p])
     want = torch.randn(16, generator=torch.Generator().manual_seed(3407))
-    assert torch.equal(official.plan.init_vector, want)
+    assert torch.equal(init_row(official.plan), want)
 
 
 def test_no_prompt_recipes_embed_the_bare_preprocessed_sentence():
@@ -230,8 +240,8 @@ def test_no_prompt_recipes_embed_the_bare_preprocessed_sentence():
 def test_bidirectional_recipes_edit_every_layer_up_to_the_exit_and_no_tp():
     for name, mode in (("cot-bidir-last-token", "last_token"), ("cot-bidir-sentence", "sentence")):
         plan = embedder(name).plan
-        assert plan.bidirectional == mode and plan.tp_layers == ()
-        assert plan.bidirectional_layers == tuple(range(plan.exit_layer))
+        assert {e.mode for e in plan.at("attn_mask")} == {mode} and tp_layers(plan) == ()
+        assert tuple(e.layer for e in plan.at("attn_mask")) == tuple(range(plan.exit_layer))
         assert not close(embedder(name).encode(TEXTS), embedder("cot").encode(TEXTS))
 
 

@@ -115,9 +115,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def plan_key(recipe: Any, plan: Any, *, all_layers: bool, backend: str, device: str) -> str:
     """What, besides model and tokenizer, decides an embedding: recipe semantics, the compiled plan, the engine."""
-    fields = {k: v for k, v in vars(plan).items() if k != "init_vector"}
-    iv = plan.init_vector
-    fields["init_vector"] = None if iv is None else hashlib.sha256(iv.float().numpy().tobytes()).hexdigest()
+    fields = dict(vars(plan))  # edits' vectors enter by their content hash (Vector's repr)
     body = dict(format=CACHE_FORMAT, version=__version__, build=build_info(), recipe=recipe.hash(), plan=fields,
                 all_layers=all_layers, backend=backend, device=device)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -11,10 +11,10 @@ layer input: placeholders <- position -1
 TP layer input: placeholders <- position -1
 >>> Edit("attn_out_in", 5, "scale", rows="last", factor=2.0).runs_at
 (5, 3)
->>> Edit("layer_in", 1, "scale", factor=2.0, heads=(0,))
+>>> Edit("layer_in", 1, "frob")
 Traceback (most recent call last):
 ...
-tpsurgery.errors.RecipeError: recipe field `edits`: heads: only the attention output-projection input (site attn_out_in) is split into heads
+tpsurgery.errors.RecipeError: recipe field `edits`: unknown op 'frob'; allowed: write, copy, add, subtract, scale, recover_norm, hide, bidirectional
 
 Sites, in the order they run inside decoder layer ``i`` (``layer`` is 0 for ``embed``, which runs before layer 0):
 
@@ -25,11 +25,13 @@ Sites, in the order they run inside decoder layer ``i`` (``layer`` is 0 for ``em
   ``heads`` selects head columns;
 * ``layer_out``: the output of decoder layer ``i`` (``hidden_states[i + 1]`` is read *after* it).
 
-Ops on rows (``rows``: ``placeholders``, ``last`` or a negative position counted from the end):
-``write`` a vector, ``copy`` the row at ``source`` (``alpha`` < 1 mixes it with the row), ``add`` / ``subtract`` the
-same rows of an auxiliary prompt's run of the same sentence at the same site and layer (``run``), ``scale`` by
-``factor``, ``recover_norm`` (rescale to the norm the rows had before this site's first edit; ``eps`` is added to the
-new norm). Mask ops: ``hide`` (no other token attends to the placeholders), ``bidirectional`` (``mode``).
+Ops on rows (``rows``: ``placeholders``, ``last``, ``all``, ``sentence``, ``prompt``, a position — negative from the
+end, 0 or more from the start — or a tuple of positions): ``write`` a vector, ``copy`` the row at ``source``
+(``alpha`` < 1 mixes it with the row), ``add`` / ``subtract`` a fixed vector or the same rows of an auxiliary prompt's
+run of the same sentence at the same site and layer (``run``), ``scale`` by ``factor``, ``recover_norm`` (rescale to
+the norm the rows had before this site's first edit; ``eps`` is added to the new norm). Mask ops: ``hide`` (no other
+token attends to the placeholders), ``bidirectional`` (``mode``). Each op is one entry of :data:`tpsurgery.ops.OPS`
+(parameters, validation, description, tensor function).
 """
 
 from __future__ import annotations
@@ -41,15 +43,12 @@ from typing import Union
 import torch
 
 from .errors import RecipeError
+from .ops import OPS
 
 SITES = ("embed", "attn_mask", "layer_in", "attn_out_in", "layer_out")  # execution order within a layer
-ROW_OPS = ("write", "copy", "add", "subtract", "scale", "recover_norm")
-MASK_OPS = ("hide", "bidirectional")
-OPS = ROW_OPS + MASK_OPS
-BIDIRECTIONAL = ("last_token", "sentence")
 SITE_NAMES = {"embed": "embedding output", "attn_mask": "attention mask", "layer_in": "layer input",
               "attn_out_in": "o_proj input", "layer_out": "layer output"}
-Rows = Union[str, int]
+Rows = Union[str, int, tuple[int, ...]]
 
 
 class Vector:
@@ -101,34 +100,12 @@ class Edit:
     field: str = field(default="edits", compare=False)
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise RecipeError(self.field, msg)
-
-        if self.site not in SITES:
-            bad(f"unknown site {self.site!r}; allowed: {', '.join(SITES)}")
+        # parameters are validated once, by the op's model (tpsurgery.ops), before an Edit is made
         if self.op not in OPS:
-            bad(f"unknown op {self.op!r}; allowed: {', '.join(OPS)}")
-        if (self.site == "attn_mask") != (self.op in MASK_OPS):
-            bad(f"op {self.op!r} does not apply at site {self.site!r} (mask ops {', '.join(MASK_OPS)} go with site "
-                f"attn_mask, row ops {', '.join(ROW_OPS)} with the other sites)")
-        if self.layer < 0:
-            bad(f"layer {self.layer} is negative")
-        if not (self.rows in ("placeholders", "last") or (isinstance(self.rows, int) and self.rows < 0)):
-            bad(f"rows: {self.rows!r}; allowed: placeholders, last, or a negative position (-1 = last token)")
-        needs = {"copy": ("source", self.source), "add": ("run", self.run), "subtract": ("run", self.run),
-                 "write": ("vector", self.vector), "bidirectional": ("mode", self.mode)}
-        if self.op in needs and needs[self.op][1] is None:
-            bad(f"op {self.op} needs `{needs[self.op][0]}`")
-        if self.op == "copy" and not self.source < 0:
-            bad(f"source: {self.source}; a negative position is required (-1 = last token)")
-        if self.op == "bidirectional" and self.mode not in BIDIRECTIONAL:
-            bad(f"mode {self.mode!r}; allowed: {', '.join(BIDIRECTIONAL)}")
-        if self.op == "hide" and self.rows != "placeholders":
-            bad("op hide applies to rows: placeholders only")
-        if self.heads is not None and self.site != "attn_out_in":
-            bad("heads: only the attention output-projection input (site attn_out_in) is split into heads")
-        if self.heads is not None and (not self.heads or min(self.heads) < 0):
-            bad(f"heads: {list(self.heads)}; give a non-empty list of head indices >= 0")
+            raise RecipeError(self.field, f"unknown op {self.op!r}; allowed: {', '.join(OPS)}")
+        if self.site not in OPS[self.op].sites or self.layer < 0:
+            raise RecipeError(self.field, f"op {self.op} at site {self.site!r}, layer {self.layer}: it applies at "
+                                          f"{', '.join(OPS[self.op].sites)}, layers >= 0")
 
     @property
     def runs_at(self) -> tuple[int, int]:
@@ -138,27 +115,19 @@ class Edit:
     @property
     def reach(self) -> int:
         """The most negative position the edit touches (0: none); inputs shorter than ``-reach`` are rejected."""
-        return min([p for p in (self.rows, self.source) if isinstance(p, int)] + [0])
+        rows = self.rows if isinstance(self.rows, tuple) else (self.rows,)
+        return min([p for p in (*rows, self.source) if isinstance(p, int)] + [0])
 
 
 def describe_edit(e: Edit) -> str:
-    """One line, e.g. ``layer input: placeholders <- position -1``."""
-    rows = "position " + str(e.rows) if isinstance(e.rows, int) else e.rows
+    """One line, e.g. ``layer input: placeholders <- position -1`` (the op's text from :data:`tpsurgery.ops.OPS`)."""
+    rows = "position " + str(e.rows) if isinstance(e.rows, int) else \
+        "positions " + ", ".join(map(str, e.rows)) if isinstance(e.rows, tuple) else e.rows
     if e.heads is not None:
         rows += f" (heads {', '.join(map(str, e.heads))})"
-    what = {
-        "write": lambda: f"{rows} <- vector {e.vector.digest[:8]}",
-        "copy": lambda: f"{rows} <- position {e.source}" + (f" (alpha={e.alpha})" if e.alpha != 1.0 else ""),
-        "add": lambda: f"{rows} += run {e.run!r}",
-        "subtract": lambda: f"{rows} -= run {e.run!r}",
-        "scale": lambda: f"{rows} *= {e.factor}",
-        "recover_norm": lambda: f"{rows}: norm back to its value before this site's edits",
-        "hide": lambda: f"no other token attends to the {rows}",
-        "bidirectional": lambda: f"bidirectional={e.mode}",
-    }[e.op]()
     origin = {"tp": "TP ", "placeholder.init": "placeholder init ", "placeholder.mask": "placeholder mask ",
               "attention.bidirectional": ""}.get(e.field, "")
-    return f"{origin}{SITE_NAMES[e.site]}: {what}"
+    return f"{origin}{SITE_NAMES[e.site]}: {OPS[e.op].describe(e, rows)}"
 
 
 def layer_ranges(layers: list[int]) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from .arch import ArchSpec, arch_for, attn_out_module, get_path
 from .backends import Backend
+from .backends.pooling import combine
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from . import foreign
 from .placement import input_device
@@ -206,8 +207,8 @@ class Embedder:
         plan = plan or self.plan
         for idx in token_batches([len(r.ids) for r in rows], batch_size, max_tokens, exact_length):
             self.stats.count(len(idx), max(len(rows[i].ids) for i in idx), sum(len(rows[i].ids) for i in idx))
-            yield idx, collate([rows[i] for i in idx], self.pad_id, plan.source, indices=idx,
-                              hide_placeholders=plan.hide_placeholders)
+            yield idx, collate([rows[i] for i in idx], self.pad_id, plan.reach, indices=idx,
+                              hide_placeholders=plan.hide_placeholders, min_length=plan.min_length)
 
     # -- encode ---------------------------------------------------------------------------------------------------
     def timing(self, sentences: Any) -> contextlib.AbstractContextManager[None]:
@@ -353,9 +354,15 @@ class Embedder:
                        on_batch=None, budget_texts=None) -> torch.Tensor:
         d = self.hidden_size
         tail = (plan.exit_layer + 1, d) if all_layers else (d,)
-        return self.encode_rows(texts, template, batch_size, progress, plan, tail,
-                                lambda b, kw: self.backend.run(plan, b, all_layers=all_layers, **kw), truncated,
-                                max_tokens, on_batch, budget_texts)
+
+        def run(b, kw):
+            if all_layers or len(plan.read_layers) == 1:
+                return self.backend.run(plan, b, all_layers=all_layers, **kw)
+            layers = self.backend.run(plan, b, all_layers=True, **kw)  # pooled hidden_states[0..M]: pick the reads
+            return combine([layers[:, j] for j in plan.read_layers], plan)
+
+        return self.encode_rows(texts, template, batch_size, progress, plan, tail, run, truncated, max_tokens,
+                                on_batch, budget_texts)
 
     def encode_rows(self, texts, template, batch_size, progress, plan, tail, run_batch, truncated, max_tokens=None,
                     on_batch=None, budget_texts=None) -> torch.Tensor:
@@ -389,8 +396,9 @@ class Embedder:
                     raise InputError(idx[int(empty[0, 0])], "mean pooling needs at least one sentence token")
 
             def run(part: list[int], whole=batch, idx=idx):  # a half of the batch is collated like the batch
-                b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.source, indices=part,
-                                                      hide_placeholders=plan.hide_placeholders)
+                b = whole if part == idx else collate([rows[i] for i in part], self.pad_id, plan.reach, indices=part,
+                                                      hide_placeholders=plan.hide_placeholders,
+                                                      min_length=plan.min_length)
                 return run_batch(b, run_kw)
 
             values = run_splitting(run, idx, oom)
@@ -405,13 +413,14 @@ class Embedder:
         return out
 
     def _prefix(self, rows: Sequence[Encoded], plan: Plan) -> Prefix | None:
-        """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, no attention-mask edits."""
+        """Prompt-prefix reuse where it is exact: on, a backend that takes a cache, and as far as the plan allows
+        (:meth:`Plan.prefix_limit <tpsurgery.plan.Plan.prefix_limit>`: no edit or read before it)."""
         enabled = self.prefix_cache
         if enabled is None:  # auto: measured to pay on the CPU, not on a GPU (docs/performance.md)
             enabled = input_device(self.model, self.spec).type == "cpu"
-        if not (enabled and self.backend.supports_prefix) or plan.needs_masks or foreign.check(self.backend).any:
+        if not (enabled and self.backend.supports_prefix and plan.prefix_reusable) or foreign.check(self.backend).any:
             return None  # (the prefix is computed by a plain forward: without nnsight edits, hooks on other rows)
-        n = shared_prefix_length(rows, plan.source)
+        n = shared_prefix_length(rows, plan)
         prefix = self._prefixes.get(rows[0].ids[:n]) if n > 0 else None
         if prefix is not None:
             self.stats.prefix_tokens_saved += n * len(rows)
@@ -450,10 +459,11 @@ class Embedder:
             lines.append("  " + " ".join(shown))
             lines.append(f"  placeholder positions: {list(row.placeholders)} (token id {self.placeholder_id}); "
                          f"sentence tokens: [{row.text_span[0]}, {row.text_span[1]}); source: position "
-                         f"{len(row.ids) + self.plan.source}")
+                         f"{len(row.ids) + self.recipe.tp.source}")
         init = self.recipe.placeholder.init
         lines.append(f"placeholder init: {init}" + (f" (embedding row of token {self.placeholder_id})" if init == "token" else ""))
         lines.append(self.plan.describe())
-        lines.append(f"pooling: {self.plan.pooling}")
+        k = f" (k = {self.plan.pool_k})" if self.plan.pooling == "last_k" else ""
+        lines.append(f"pooling: {self.plan.pooling}{k}")
         return "\n".join(lines)
 

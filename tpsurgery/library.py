@@ -38,7 +38,7 @@ def list_recipes() -> list[tuple[str, str]]:
     """``(name, one-line description)`` of every shipped recipe, sorted by name."""
     out = []
     for p in sorted(RECIPE_DIR.glob("*.yaml"), key=lambda q: q.stem):
-        out.append((p.stem, parse_recipe(p.read_text(encoding="utf-8")).description.strip().splitlines()[0:1] or [""]))
+        out.append((p.stem, parse_recipe(p.read_text(encoding="utf-8"), base=p.parent).description.strip().splitlines()[0:1] or [""]))
     return [(name, desc[0]) for name, desc in out]
 
 

@@ -20,9 +20,10 @@ The recipe's edits are mask functions ``f(batch, head, q, kv) -> bool`` OR'ed on
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+from jaxtyping import Bool, Int
 
 from .errors import ModelError, RecipeError
 from .placement import input_device
@@ -33,7 +34,7 @@ MaskFn = Callable[[Any, Any, Any, Any], Any]
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def _spans(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _spans(batch: Batch) -> tuple[Bool[torch.Tensor, "b l"], Int[torch.Tensor, " b"], Int[torch.Tensor, " b"]]:
     """Per row: is-placeholder columns [B, L], first placeholder column [B], end of the sentence [B] (exclusive)."""
     b, length = batch.input_ids.shape
     is_ph = torch.zeros((b, length), dtype=torch.bool)
@@ -45,33 +46,49 @@ def _spans(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return is_ph, first, batch.text_end.clone()
 
 
-def edit_functions(batch: Batch, *, mask_placeholders: bool = False, bidirectional: str = "none",
+def _modes(bidirectional: str | Sequence[str]) -> tuple[str, ...]:
+    modes = (bidirectional,) if isinstance(bidirectional, str) else tuple(bidirectional)
+    for mode in modes:
+        if mode not in ("none", "last_token", "sentence"):
+            raise RecipeError("attention.bidirectional", f"unknown mode {mode!r}; allowed: none, last_token, sentence")
+    return tuple(m for m in modes if m != "none")
+
+
+def edit_functions(batch: Batch, *, mask_placeholders: bool = False, bidirectional: str | Sequence[str] = "none",
                    device: Any = "cpu") -> tuple[MaskFn | None, MaskFn | None]:
     """``(or_fn, and_fn)`` for ``masking_utils``: the bidirectional overlay and the placeholder mask (None: no edit).
 
     * ``mask_placeholders``: a query attends to a placeholder key only if it is that placeholder (no empty rows).
     * ``bidirectional="last_token"``: every query from the first placeholder onward also attends to the last column.
     * ``bidirectional="sentence"``: queries and keys in ``[first placeholder, end of sentence)`` see each other.
+
+    Several modes (a sequence) are OR'ed.
     """
     is_ph, first, end = (t.to(device) for t in _spans(batch))
     last = batch.input_ids.shape[1] - 1
+    overlays: list[MaskFn] = []
+    for mode in _modes(bidirectional):
+        if mode == "last_token":
+            overlays.append(lambda b, h, q, kv: (q >= first[b]) & (kv == last))
+        else:
+            overlays.append(lambda b, h, q, kv: (q >= first[b]) & (q < end[b]) & (kv >= first[b]) & (kv < end[b]))
     or_fn = and_fn = None
-    if bidirectional == "last_token":
+    if len(overlays) == 1:
+        or_fn = overlays[0]
+    elif overlays:
         def or_fn(b, h, q, kv):
-            return (q >= first[b]) & (kv == last)
-    elif bidirectional == "sentence":
-        def or_fn(b, h, q, kv):
-            return (q >= first[b]) & (q < end[b]) & (kv >= first[b]) & (kv < end[b])
-    elif bidirectional != "none":
-        raise RecipeError("attention.bidirectional", f"unknown mode {bidirectional!r}; allowed: none, last_token, sentence")
+            out = overlays[0](b, h, q, kv)
+            for f in overlays[1:]:
+                out = out | f(b, h, q, kv)
+            return out
     if mask_placeholders:
         def and_fn(b, h, q, kv):
             return ~is_ph[b, kv] | (q == kv)
     return or_fn, and_fn
 
 
-def allowed(batch: Batch, *, mask_placeholders: bool = False, bidirectional: str = "none",
-            sliding_window: int | None = None) -> torch.Tensor:
+def allowed(batch: Batch, *, mask_placeholders: bool = False, bidirectional: str | Sequence[str] = "none",
+            sliding_window: int | None = None) -> Bool[torch.Tensor, "b l l"]:
     """The reference boolean mask ``[B, L, L]`` (True = query row may attend to key column), built without
     ``masking_utils``: what :func:`layer_masks` must encode. Used by the tests and the docs."""
     bsz, length = batch.input_ids.shape
@@ -82,10 +99,11 @@ def allowed(batch: Batch, *, mask_placeholders: bool = False, bidirectional: str
         base = base & (q - kv < sliding_window)
     is_ph, first, end = _spans(batch)
     first, end = first.view(bsz, 1, 1), end.view(bsz, 1, 1)
-    if bidirectional == "last_token":
-        base = base | ((q >= first) & (kv == length - 1))
-    elif bidirectional == "sentence":
-        base = base | ((q >= first) & (q < end) & (kv >= first) & (kv < end))
+    for mode in _modes(bidirectional):
+        if mode == "last_token":
+            base = base | ((q >= first) & (kv == length - 1))
+        else:
+            base = base | ((q >= first) & (q < end) & (kv >= first) & (kv < end))
     if mask_placeholders:
         base = base & (~is_ph.unsqueeze(1) | (q == kv))
     return base & batch.attention_mask.bool().unsqueeze(1)
@@ -117,14 +135,31 @@ def check_model(model: Any) -> None:
         raise ModelError("attention-mask edits need a causal decoder (config.is_causal is False)")
 
 
+def layer_edits(plan: Plan, layer: int) -> tuple[bool, tuple[str, ...]]:
+    """``(hide placeholders, bidirectional modes)`` of one decoder layer's mask, from that layer's own edits.
+
+    >>> from tpsurgery.edits import Edit
+    >>> from tpsurgery.plan import Plan
+    >>> plan = Plan(4, 4, (Edit("attn_mask", 0, "bidirectional", mode="last_token"),
+    ...                    Edit("attn_mask", 1, "bidirectional", mode="sentence")), "last", 0)
+    >>> layer_edits(plan, 0), layer_edits(plan, 1), layer_edits(plan, 2)
+    ((False, ('last_token',)), (False, ('sentence',)), (False, ()))
+    """
+    edits = plan.at("attn_mask", layer)
+    modes = tuple(dict.fromkeys(e.mode for e in edits if e.op == "bidirectional"))
+    return any(e.op == "hide" for e in edits), modes
+
+
 def layer_masks(model: Any, plan: Plan, batch: Batch) -> dict[int, Any]:
-    """``{layer: mask}`` for every decoder layer whose mask the plan edits, each in that layer's own format.
+    """``{layer: mask}`` for every decoder layer whose mask the plan edits, each in that layer's own format and made
+    of that layer's own edits (:func:`layer_edits`).
 
     Layers not in the result keep the model's own mask (the plain path is untouched).
     """
     from transformers import masking_utils as mu
 
-    if not plan.needs_masks:
+    layers = sorted({e.layer for e in plan.at("attn_mask")})
+    if not layers:
         return {}
     check_model(model)
     dtype, device = next(model.parameters()).dtype, input_device(model)  # accelerate moves masks to later layers
@@ -134,11 +169,10 @@ def layer_masks(model: Any, plan: Plan, batch: Batch) -> dict[int, Any]:
           cache_kwarg(): None, "position_ids": batch.position_ids.to(device)}
     out: dict[int, Any] = {}
     built: dict[tuple, Any] = {}
-    for i in sorted(set(plan.mask_layers) | set(plan.bidirectional_layers)):
-        key = (layer_kind(model.config, i), i in plan.mask_layers, i in plan.bidirectional_layers)
+    for i in layers:
+        key = (layer_kind(model.config, i), *layer_edits(plan, i))
         if key not in built:
-            or_fn, and_fn = edit_functions(batch, mask_placeholders=key[1],
-                                           bidirectional=plan.bidirectional if key[2] else "none", device=device)
+            or_fn, and_fn = edit_functions(batch, mask_placeholders=key[1], bidirectional=key[2], device=device)
             make = mu.create_sliding_window_causal_mask if key[0] == "sliding_attention" else mu.create_causal_mask
             built[key] = make(**kw, or_mask_function=or_fn, and_mask_function=and_fn)
         out[i] = built[key]

@@ -4,8 +4,8 @@ Both are plain data read by fixed backend code.
 
 >>> from tpsurgery.recipe import parse_recipe
 >>> plan = compile_plan(parse_recipe("prompt: '<PST> {text}'\\ntp: {start: 1, stop: 3}\\nexit_layer: -2"), n_layers=4, hidden_size=8)
->>> plan.exit_layer, plan.tp_layers, plan.layers_run
-(3, (1, 2), 3)
+>>> plan.exit_layer, plan.read_layers, plan.layers_run, plan.reach, plan.touches
+(3, (3,), 3, -1, ('last', 'placeholders'))
 >>> plan.edits[0]
 Edit(site='layer_in', layer=1, op='copy', rows='placeholders', source=-1, alpha=1.0, factor=1.0, run=None, heads=None, vector=None, eps=0.0, mode=None, field='tp')
 >>> print(plan.describe())
@@ -17,28 +17,64 @@ read hidden_states[3] (output of decoder layer 2); layers 3.. and the LM head ne
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
 from .edits import Edit, Rows, Vector, describe_edit, layer_ranges
 from .errors import InputError, RecipeError
+from .ops import OPS
 from .prompts import Encoded
 from .recipe import Recipe
-from .schema import EditSpec
+from .schema import PoolingSpec
+from .vectors import edit_vector, initial_vector
+
+
+def row_positions(rows: Rows, row: Encoded) -> list[int]:
+    """The positions of an unpadded encoded ``row`` that a row selector names.
+
+    >>> r = Encoded(ids=(1, 0, 5, 6, 7), placeholders=(1,), text_span=(2, 4))
+    >>> [row_positions(s, r) for s in ("placeholders", "last", "all", "sentence", "prompt", -2, 0, (0, -1))]
+    [[1], [4], [0, 1, 2, 3, 4], [2, 3], [0, 4], [3], [0], [0, 4]]
+    """
+    n = len(row.ids)
+    if rows == "placeholders":
+        return list(row.placeholders)
+    if rows == "last":
+        return [n - 1]
+    if rows == "all":
+        return list(range(n))
+    if rows == "sentence":
+        return list(range(*row.text_span))
+    if rows == "prompt":
+        inside = set(range(*row.text_span)) | set(row.placeholders)
+        return [p for p in range(n) if p not in inside]
+    return [p if p >= 0 else n + p for p in (rows if isinstance(rows, tuple) else (rows,))]
 
 
 @dataclass(frozen=True)
 class Plan:
     """What the backend does for one recipe on one model: a sorted tuple of :class:`~tpsurgery.edits.Edit` values,
-    then a read of ``hidden_states[exit_layer]`` pooled by ``pooling``.
+    then reads of ``hidden_states[j]`` for ``j`` in ``read_layers``, each pooled over tokens by ``pooling``, combined
+    (mean, or the weighted sum with ``read_weights``) into the embedding.
 
-    ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]`` (edits at layers >= M are
-    dropped: they cannot change the read); ``runs`` the auxiliary prompts ``(name, template)`` whose runs ``add`` /
-    ``subtract`` edits read; ``hide_placeholders``: placeholders get attention mask 0 in the batch (invisible in every
-    layer, no position id); ``n_heads``: attention heads (for edits on head columns).
-    The other attributes are read-only views of the edits, for the Token-Prepending shorthand.
+    ``exit_layer`` is the resolved HF ``hidden_states`` index M in ``[0, n_layers]``, the deepest read (edits at
+    layers >= M are dropped: they cannot change the read); ``runs`` the auxiliary prompts ``(name, template)`` whose
+    runs ``add`` / ``subtract`` edits read; ``hide_placeholders``: placeholders get attention mask 0 in the batch
+    (invisible in every layer, no position id); ``n_heads``: attention heads (for edits on head columns).
+
+    Token pooling ``pooling``: ``last`` (the last token), ``mean`` (mean over the sentence tokens), ``last_k`` (mean of
+    the last ``pool_k`` tokens).
+
+    Facts the batching, prompt-prefix reuse and sweep sharing read (and nothing else of the edits):
+
+    * :attr:`reach`: the most negative position (counted from the end) any edit or the pooling reads or writes;
+      :attr:`min_length`: the fewest tokens an input must have (collation rejects shorter ones);
+    * :attr:`touches`: which rows edits and the read touch (row selectors, canonical and hashable);
+      :meth:`first_touched`: the first position of an encoded row that any of them touches;
+    * :attr:`prefix_reusable` and :meth:`prefix_limit`: whether, and for how many leading tokens of a row, keys and
+      values may come from a cache of the prompt prefix computed once without edits.
     """
 
     n_layers: int
@@ -49,7 +85,14 @@ class Plan:
     hide_placeholders: bool = False
     runs: tuple[tuple[str, str], ...] = ()
     n_heads: int | None = None
-    tp_source: int = -1
+    reach: int = -1
+    pool_k: int = 1
+    read_layers: tuple[int, ...] = ()
+    read_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.read_layers:
+            object.__setattr__(self, "read_layers", (self.exit_layer,))
 
     @property
     def layers_run(self) -> int:
@@ -69,12 +112,6 @@ class Plan:
         return out
 
     @property
-    def source(self) -> int:
-        """The most negative position the recipe's ``tp.source`` or any edit reads: shorter inputs are rejected
-        (``tp.source`` counts even when the exit layer drops every TP layer, as before edits existed)."""
-        return min([e.reach for e in self.edits] + [self.tp_source])
-
-    @property
     def needs_masks(self) -> bool:
         return bool(self.at("attn_mask"))
 
@@ -83,33 +120,43 @@ class Plan:
         keys = {(e.runs_at, e.site, e.layer, e.rows) for e in self.edits if e.run == run}
         return tuple((site, layer, rows) for _, site, layer, rows in sorted(keys, key=lambda k: (k[0], str(k[3]))))
 
-    # -- views of the Token-Prepending shorthand -----------------------------------------------------------------
+    # -- facts for batching, prefix reuse and sharing ----------------------------------------------------------------
     @property
-    def tp_layers(self) -> tuple[int, ...]:
-        """Layers whose input's placeholder rows are overwritten by a copy (TP)."""
-        return tuple(e.layer for e in self.at("layer_in") if e.op == "copy" and e.rows == "placeholders")
+    def touches(self) -> tuple[Rows, ...]:
+        """The row selectors that edits (``attn_mask`` edits: ``placeholders``), hidden placeholders and the token
+        pooling (``sentence``, ``last`` or the last ``pool_k`` positions) touch, sorted and without repeats."""
+        rows: set = {e.rows if e.site != "attn_mask" else "placeholders" for e in self.edits}
+        rows |= {"placeholders"} if self.hide_placeholders else set()
+        rows |= {"sentence"} if self.pooling == "mean" else {tuple(range(-self.pool_k, 0))} \
+            if self.pooling == "last_k" else {"last"}
+        return tuple(sorted(rows, key=repr))
+
+    def first_touched(self, row: Encoded) -> int:
+        """The first position of ``row`` that an edit or the read touches (``len(row.ids)``: none)."""
+        n = len(row.ids)
+        return min([n] + [p for rows in self.touches for p in row_positions(rows, row)])
 
     @property
-    def alpha(self) -> float:
-        return next((e.alpha for e in self.at("layer_in") if e.op == "copy"), 1.0)
+    def prefix_reusable(self) -> bool:
+        """Whether keys/values of an unedited prompt prefix may be reused at all (not with attention-mask edits,
+        which replace whole masks)."""
+        return not self.needs_masks
+
+    def prefix_limit(self, row: Encoded) -> int:
+        """How many leading tokens of ``row`` may come from a prompt-prefix cache: none touched by an edit or the
+        read, all before the sentence and the first placeholder, at least one token left (0: no reuse)."""
+        if not self.prefix_reusable:
+            return 0
+        n = len(row.ids)
+        return max(0, min([self.first_touched(row), row.text_span[0], n - 1, *row.placeholders[:1]]))
 
     @property
-    def init_vector(self) -> torch.Tensor | None:
-        """The placeholders' initial embedding-output row (None: the carrier token's own embedding)."""
-        return next((e.vector.tensor for e in self.at("embed") if e.op == "write"), None)
-
-    @property
-    def mask_layers(self) -> tuple[int, ...]:
-        """Layers in which no other token attends to a placeholder."""
-        return tuple(e.layer for e in self.at("attn_mask") if e.op == "hide")
-
-    @property
-    def bidirectional(self) -> str:
-        return next((e.mode for e in self.at("attn_mask") if e.op == "bidirectional"), "none")
-
-    @property
-    def bidirectional_layers(self) -> tuple[int, ...]:
-        return tuple(e.layer for e in self.at("attn_mask") if e.op == "bidirectional")
+    def min_length(self) -> int:
+        """The fewest tokens an input needs: ``-reach`` and one past the largest position counted from the start."""
+        front = [p for rows in self.touches for p in (rows if isinstance(rows, tuple) else (rows,))
+                 if isinstance(p, int) and p >= 0]
+        front += [e.source for e in self.edits if isinstance(e.source, int) and e.source >= 0]
+        return max([1, -self.reach] + [p + 1 for p in front])
 
     def describe(self) -> str:
         """Layer ranges with what happens in them, then the read."""
@@ -134,6 +181,9 @@ class Plan:
                  else f"output of decoder layer {m - 1}")
         tail = "the LM head never runs" if m == self.n_layers else f"layers {m}.. and the LM head never run"
         lines.append(f"read hidden_states[{m}] ({where}); {tail}")
+        if len(self.read_layers) > 1:
+            how = f"weights {list(self.read_weights)}" if self.read_weights else "mean"
+            lines.append(f"embedding: {how} of the reads of hidden_states{list(self.read_layers)}")
         return "\n".join(lines)
 
 
@@ -199,23 +249,6 @@ def check_depth(recipe: Recipe, n_layers: int, exit_layer: int | str | None = No
         raise RecipeError.combine(errors)
 
 
-def _named_vector(kind: str, size: int, seed: int = 0, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    if kind == "zeros":
-        return torch.zeros(size)
-    if kind == "ones":
-        return torch.ones(size)
-    g = torch.Generator().manual_seed(seed)
-    if kind == "uniform":
-        return torch.rand(size, generator=g)
-    return torch.randn(size, generator=g) * std + mean
-
-
-def initial_vector(recipe: Recipe, hidden_size: int) -> torch.Tensor | None:
-    """The placeholder's initial embedding-output row, or None for ``init: token``."""
-    p = recipe.placeholder
-    return None if p.init == "token" else _named_vector(p.init, hidden_size, p.seed, p.mean, p.std)
-
-
 def _warn_dropped(tp, m: int) -> None:
     """One warning when the exit layer cuts off explicitly scheduled TP layers (``resume`` runs up to M by design)."""
     cut = [f"tp.spans.{k} [{s.start}, {s.stop})" for k, s in enumerate(tp.spans) if s.stop > m]
@@ -225,33 +258,26 @@ def _warn_dropped(tp, m: int) -> None:
                       f"hidden_states[{m}] ({read}), which later layers cannot change", UserWarning, stacklevel=3)
 
 
-def _vector(spec: EditSpec, size: int, field: str) -> torch.Tensor:
-    """The vector of a ``write`` edit (``value``: a named initialisation or a list of floats)."""
-    if isinstance(spec.value, tuple):
-        if len(spec.value) != size:
-            raise RecipeError(f"{field}.value", f"{len(spec.value)} numbers for rows of width {size}")
-        return torch.tensor(spec.value, dtype=torch.float32)
-    return _named_vector(spec.value, size, spec.seed, spec.mean, spec.std)
+_EDIT_FIELDS = {f.name for f in fields(Edit)}
 
 
 def _user_edits(recipe: Recipe, m: int, hidden_size: int, attn_width: int | None) -> list[Edit]:
-    """The recipe's ``edits`` section, one :class:`Edit` per layer; layers that cannot change the read are dropped."""
+    """The recipe's ``edits`` section, one :class:`Edit` per layer; layers that cannot change the read are dropped.
+    Each op's parameters become the Edit's fields of the same name (``value`` becomes ``vector``)."""
     out, cut = [], []
     for k, spec in enumerate(recipe.edits):
         field = f"edits.{k}"
         layers = spec.layer_list()  # layer and head numbers: checked by check_depth
-        vector = None
-        if spec.op == "write":
+        params = {n: getattr(spec, n) for n in OPS[spec.op].parameters if n in _EDIT_FIELDS}
+        if getattr(spec, "value", None) is not None:
             size = attn_width if spec.site == "attn_out_in" else hidden_size
             if size is None:
                 raise RecipeError(f"{field}.value", "the width of this model's o_proj input is unknown")
-            vector = Vector(_vector(spec, size, field))
+            params["vector"] = Vector(edit_vector(spec, size, field))
         kept = [i for i in layers if spec.site == "embed" or i < m]
         if len(kept) < len(layers):
             cut.append(f"{field} (layers {', '.join(str(i) for i in layers if i not in kept)})")
-        out += [Edit(spec.site, i, spec.op, rows=spec.rows, source=spec.source if spec.op == "copy" else None,
-                     alpha=spec.alpha, factor=spec.factor if spec.factor is not None else 1.0, run=spec.run,
-                     heads=spec.heads, vector=vector, eps=spec.eps, mode=spec.mode, field=field) for i in kept]
+        out += [Edit(spec.site, i, spec.op, rows=spec.rows, heads=spec.heads, field=field, **params) for i in kept]
     if cut:
         warnings.warn(f"{', '.join(cut)}: dropped, because exit_layer reads hidden_states[{m}], which edits of "
                       f"layers >= {m} cannot change", UserWarning, stacklevel=3)
@@ -295,10 +321,14 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
     the shorthand sections (``placeholder``, ``attention``, ``tp``) before the ``edits`` section.
     """
     check_depth(recipe, n_layers, exit_layer, n_heads)
+    tokens, k, reads, weights = _pooling(recipe, n_layers, exit_layer)
     m = exit_layer if exit_layer is not None else recipe.exit_layer
-    if m == "auto":
+    if reads is not None:
+        m = max(reads)
+    elif m == "auto":
         raise RecipeError("exit_layer", "'auto' must be resolved from a sweep first (tpsurgery sweep)")
-    m = resolve_exit_layer(m, n_layers)
+    else:
+        m = resolve_exit_layer(m, n_layers)
     edits = _shorthand_edits(recipe, n_layers, m, hidden_size) + _user_edits(recipe, m, hidden_size, attn_width)
     edits.sort(key=lambda e: e.runs_at)  # stable: recipe order inside a site
     used = {e.run for e in edits if e.run is not None}
@@ -306,13 +336,38 @@ def compile_plan(recipe: Recipe, n_layers: int, hidden_size: int, placeholder_id
         n_layers=n_layers,
         exit_layer=m,
         edits=tuple(edits),
-        pooling=recipe.pooling,
+        pooling=tokens,
         placeholder_id=recipe.placeholder.token_id if placeholder_id is None else placeholder_id,
         hide_placeholders=recipe.placeholder.mask == "all",
         runs=tuple((name, t) for name, t in recipe.runs.items() if name in used),
         n_heads=n_heads,
-        tp_source=recipe.tp.source,
+        reach=min([e.reach for e in edits] + [recipe.tp.source, -k]),
+        pool_k=k,
+        read_layers=tuple(reads) if reads is not None else (m,),
+        read_weights=weights,
     )
+
+
+def _pooling(recipe: Recipe, n_layers: int, exit_layer: int | None) -> tuple[str, int, list[int] | None, tuple | None]:
+    """``(token pooling, k, resolved hidden_states indices or None, weights)`` of the recipe's ``pooling``."""
+    p = recipe.pooling
+    if not isinstance(p, PoolingSpec):
+        return p, 1, None, None
+    layers = p.layer_list()
+    if layers is None:
+        return p.tokens, p.k or 1, None, p.weights
+    reads = []
+    for j in layers:
+        try:
+            reads.append(resolve_exit_layer(j, n_layers))
+        except RecipeError as exc:
+            raise RecipeError("pooling.layers", exc.message) from None
+    m = max(reads)
+    for name, value in (("exit_layer", recipe.exit_layer), ("the exit-layer override", exit_layer)):
+        if value not in (None, -1, "auto") and resolve_exit_layer(value, n_layers) != m:
+            raise RecipeError("pooling.layers", f"reads up to hidden_states[{m}] but {name} is {value}: leave "
+                                                f"exit_layer out (or set it to {m}) when pooling.layers is given")
+    return p.tokens, p.k or 1, reads, p.weights
 
 
 @dataclass(frozen=True)
@@ -320,7 +375,8 @@ class Batch:
     """A left-padded batch: model inputs plus where placeholders sit, which row is the source, what is pooled.
 
     ``placeholders`` and ``source`` are absolute column indices; ``text_mask`` marks the last ``{text}`` slot's tokens
-    (mean pooling); ``text_start`` is each row's first sentence column (end of the bidirectional span is ``text_end``).
+    (mean pooling); ``text_end`` is each row's end of the sentence (exclusive; end of the bidirectional span);
+    ``starts`` each row's first column (positions counted from the start; None: derived from the attention mask).
     """
 
     input_ids: torch.Tensor
@@ -331,6 +387,7 @@ class Batch:
     text_mask: torch.Tensor
     text_end: torch.Tensor
     others: tuple[tuple[str, "Batch"], ...] = ()
+    starts: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -341,11 +398,12 @@ class Batch:
         return dict(self.others)[run]
 
 
-def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Sequence[int] | None = None,
-            hide_placeholders: bool = False) -> Batch:
+def collate(rows: Sequence[Encoded], pad_id: int, reach: int = -1, indices: Sequence[int] | None = None,
+            hide_placeholders: bool = False, min_length: int | None = None) -> Batch:
     """Left-pad encoded rows into a :class:`Batch`; position ids count visible tokens only (``cumsum(mask) - 1``).
 
-    ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
+    ``reach`` (:attr:`Plan.reach`) gives ``Batch.source``; rows shorter than ``min_length`` (default ``-reach``;
+    :attr:`Plan.min_length`) are rejected. ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
     Rows that carry auxiliary runs' encodings (:attr:`Encoded.others`) get those collated as ``Batch.others``.
     """
     indices = list(indices) if indices is not None else list(range(len(rows)))
@@ -358,13 +416,16 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
     text = torch.zeros((len(rows), width), dtype=torch.float32)
     ph = torch.zeros((len(rows), n_ph.pop()), dtype=torch.long)
     text_end = torch.zeros(len(rows), dtype=torch.long)
+    starts = torch.zeros(len(rows), dtype=torch.long)
+    need = -reach if min_length is None else min_length
     for b, (r, idx) in enumerate(zip(rows, indices)):
         if len(r.ids) == 0:
             raise InputError(idx, "the prompted input has no tokens (empty text and no prompt)")
-        if len(r.ids) < -source:
-            raise InputError(idx, f"position {source} (tp.source or an edit's rows) reaches before the start of this "
-                                  f"{len(r.ids)}-token input")
+        if len(r.ids) < need:
+            raise InputError(idx, f"the recipe reads {need} positions (tp.source, an edit's rows or the pooling) but "
+                                  f"this input has {len(r.ids)} tokens")
         off = width - len(r.ids)
+        starts[b] = off
         ids[b, off:] = torch.tensor(r.ids)
         mask[b, off:] = 1
         text[b, off + r.text_span[0]: off + r.text_span[1]] = 1.0
@@ -374,8 +435,8 @@ def collate(rows: Sequence[Encoded], pad_id: int, source: int = -1, indices: Seq
             if hide_placeholders:
                 mask[b, ph[b]] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    src = torch.full((len(rows),), width + source, dtype=torch.long)
+    src = torch.full((len(rows),), width + reach, dtype=torch.long)
     others = tuple((name, collate([dict(r.others)[name] for r in rows], pad_id, -1, indices))
                    for name, _ in rows[0].others)
-    return Batch(ids, mask, pos, ph, src, text, text_end, others)
+    return Batch(ids, mask, pos, ph, src, text, text_end, others, starts)
 

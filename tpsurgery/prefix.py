@@ -1,8 +1,9 @@
 """Prompt-prefix reuse: the keys/values of the prompt text before the first placeholder, computed once per template.
 
 Every sentence of a template starts with the same tokens (the prompt up to the first ``<PST>``, or up to the sentence
-when there is none). By causality those tokens' keys and values do not depend on what follows, and TP only edits rows
-at or after the placeholder, so they are computed once (batch 1) and every batch runs only the rest of the sequence on
+when there is none). By causality those tokens' keys and values do not depend on what follows, and no edit or read touches
+them (:meth:`tpsurgery.plan.Plan.prefix_limit` says how far that holds for a plan: an edit on every row, for
+instance, leaves no prefix to reuse), so they are computed once (batch 1) and every batch runs only the rest of the sequence on
 top of them. The rest is left-padded on its own, so pads sit *between* prefix and sentence: exact for full attention
 (pads are masked and position ids count visible tokens), but sliding-window layers (Gemma2/3) measure the window in key
 columns, pads included. There, :meth:`Prefix.needs_buckets` asks the embedder to batch only rows of equal length (no
@@ -10,8 +11,13 @@ pads at all) whenever prefix + rest can be longer than the window.
 
 >>> from tpsurgery.prompts import Encoded
 >>> rows = [Encoded((7, 8, 9, 0, 5, 6), (3,), (4, 5)), Encoded((7, 8, 9, 0, 4), (3,), (4, 5))]
->>> shared_prefix_length(rows, source=-1)
+>>> from tpsurgery.plan import compile_plan
+>>> from tpsurgery.recipe import parse_recipe
+>>> shared_prefix_length(rows, compile_plan(parse_recipe("prompt: 'a b c <PST> {text}'"), 2, 4))
 3
+>>> shared_prefix_length(rows, compile_plan(parse_recipe(
+...     "prompt: 'a b c <PST> {text}'\\nedits: [{site: layer_in, layers: 0, rows: -4, op: scale, factor: 2}]"), 2, 4))
+1
 >>> [r.ids for r in split_rows(rows, 3)], [r.placeholders for r in split_rows(rows, 3)]
 ([(0, 5, 6), (0, 4)], [(0,), (0,)])
 """
@@ -27,18 +33,16 @@ import torch
 from .errors import BackendError
 from .placement import input_device
 from .versions import cache_kwarg
-from .plan import Batch
+from .plan import Batch, Plan
 from .prompts import Encoded
 
 
-def shared_prefix_length(rows: Sequence[Encoded], source: int = -1) -> int:
-    """Tokens every row shares before its first placeholder and first sentence token.
-
-    At least one token (and the TP source row) stays in the part that is recomputed per batch.
-    """
+def shared_prefix_length(rows: Sequence[Encoded], plan: Plan) -> int:
+    """Leading tokens every row shares, within each row's :meth:`Plan.prefix_limit <tpsurgery.plan.Plan.prefix_limit>`
+    (before the first placeholder and sentence token, and before any position an edit or the read touches)."""
     if not rows:
         return 0
-    limit = min(min([*r.placeholders[:1], r.text_span[0], len(r.ids) - 1, len(r.ids) + source]) for r in rows)
+    limit = min(plan.prefix_limit(r) for r in rows)
     first = rows[0].ids
     n = 0
     while n < limit and all(r.ids[n] == first[n] for r in rows):

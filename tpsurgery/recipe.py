@@ -38,7 +38,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .schema import NUM as _NUM, SEED as _SEED, EditSpec, Frozen as _Frozen, Span
+from .ops import OPS, EditSpec
+from .schema import NUM as _NUM, SEED as _SEED, Frozen as _Frozen, PoolingSpec, Span
 
 PLACEHOLDER_MARKER = "<PST>"
 TEXT_SLOT = "{text}"
@@ -149,7 +150,7 @@ class Recipe(_Frozen):
     placeholder: Placeholder = Placeholder()
     tp: TPSchedule = TPSchedule()
     exit_layer: Annotated[Union[int, Literal["auto"]], _NUM] = -1
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Union[Literal["last", "mean"], PoolingSpec] = "last"
     attention: Attention = Attention()
     compat: Literal["exact", "official"] = "exact"
     runs: dict[str, str] = Field(default_factory=dict)
@@ -202,14 +203,18 @@ class Recipe(_Frozen):
             problems.append(("attention.bidirectional",
                              f"starts at the placeholder: the prompt needs a {PLACEHOLDER_MARKER} marker" + hint))
         for k, e in enumerate(self.edits):
-            if e.run is not None and e.run not in self.runs:
-                close = difflib.get_close_matches(e.run, list(self.runs), n=1, cutoff=0.6)
+            run = getattr(e, "run", None)
+            if run is not None and run not in self.runs:
+                close = difflib.get_close_matches(run, list(self.runs), n=1, cutoff=0.6)
                 known = ", ".join(self.runs) or "none; add a `runs:` section"
                 mean = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append((f"edits.{k}.run", f"no run named {e.run!r}{mean} (runs: {known})"))
-            if e.run is not None and e.rows == "placeholders":
-                problems.append((f"edits.{k}.rows", "an auxiliary run has no placeholders to take rows from; use "
-                                                    "rows: last or a negative position"))
+                problems.append((f"edits.{k}.run", f"no run named {run!r}{mean} (runs: {known})"))
+            fixed = e.rows == "last" or isinstance(e.rows, int) or isinstance(e.rows, tuple) and max(e.rows) < 0
+            if run is not None and not fixed:
+                why = "has no placeholders to take rows from" if e.rows == "placeholders" else \
+                    f"gives its rows at the same positions counted from the end (not {e.rows!r})"
+                problems.append((f"edits.{k}.rows", f"an auxiliary run {why}: use rows: last, a negative position or "
+                                                    "a list of them"))
             needs_marker = e.rows == "placeholders" and e.op != "bidirectional"
             if (needs_marker or e.op == "bidirectional") and counts == {0}:
                 problems.append((f"edits.{k}", f"rows: placeholders needs a {PLACEHOLDER_MARKER} marker in the "
@@ -236,8 +241,10 @@ class Recipe(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data; empty ``runs`` / ``edits`` sections are left out (hashes of recipes without
-        them stay what they were before the sections existed)."""
+        them stay what they were before the sections existed). A vector file is ``{path, sha256}`` (absolute path)."""
         data = self.model_dump(mode="json")
+        if isinstance(self.pooling, PoolingSpec):
+            data["pooling"] = self.pooling.model_dump(mode="json", exclude_defaults=True)
         data["edits"] = [e.model_dump(mode="json", exclude_defaults=True) for e in self.edits]
         for key in ("runs", "edits"):
             if not data[key]:
@@ -245,20 +252,38 @@ class Recipe(_Frozen):
         return data
 
     def hash(self) -> str:
-        """A stable short hash of the recipe's semantics (name and description excluded)."""
+        """A stable short hash of the recipe's semantics (name and description excluded; a vector file by its
+        content hash, not its path)."""
         import hashlib
 
         body = {k: v for k, v in self.to_dict().items() if k not in ("name", "description")}
+        for e in body.get("edits", ()):  # a vector file counts by its content, wherever it lies
+            if isinstance(e.get("value"), dict):
+                e["value"] = {"sha256": e["value"]["sha256"]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention|EditSpec)$"
+_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention|EditSpec|PoolingSpec|VectorFile|Positions)$"
                         r"|^(literal|tuple|list|dict|set|union|function-[a-z-]+)\[")
+
+
+def _is_tag(loc: tuple, k: int) -> bool:
+    """Whether ``loc[k]`` is a tag pydantic adds: a union member's type, or an edit's op (after ``edits.N``)."""
+    p = loc[k]
+    if isinstance(p, int):
+        return False
+    return bool(_UNION_TAG.match(str(p))) or (k >= 2 and loc[k - 2] == "edits" and isinstance(loc[k - 1], int)
+                                              and p in OPS)
+
+
+def _op_of(loc: tuple) -> str | None:
+    """The op tag in an edit's error location (``("edits", 0, "copy", "factor")`` -> ``copy``)."""
+    return next((str(loc[k]) for k in range(len(loc)) if _is_tag(loc, k) and loc[k] in OPS), None)
 
 
 def _field_of(loc: tuple) -> str:
     """The dotted recipe field of a pydantic error location, without the union-member tags pydantic adds."""
-    return ".".join(str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.match(str(p))) or "<recipe>"
+    return ".".join(str(p) for k, p in enumerate(loc) if not _is_tag(loc, k)) or "<recipe>"
 
 
 def _own_fields(error: dict) -> list[dict]:
@@ -291,6 +316,14 @@ def _got(value: Any) -> str:
 def _message(error: dict) -> str:
     """Pydantic's message plus what the offending value was (every type error says "(got ...)")."""
     msg = error["msg"].removeprefix("Value error, ")
+    op = _op_of(tuple(error["loc"]))
+    if error["type"] == "missing" and op is not None and error["loc"][-2] == op:
+        return f"op {op} needs `{error['loc'][-1]}`"
+    if error["type"] == "union_tag_invalid":
+        return f"unknown op {error['input'].get('op')!r} (allowed: {', '.join(OPS)})" \
+            if isinstance(error.get("input"), dict) else msg
+    if error["type"] == "union_tag_not_found":
+        return f"needs `op` (allowed: {', '.join(OPS)})"
     if error["type"] not in ("value_error", "missing", "extra_forbidden") and "input" in error:
         msg += f" (got {_got(error['input'])})"
     return msg
@@ -343,7 +376,15 @@ def _closest_key(loc: tuple) -> str | None:
 
 
 def _unknown_key(loc: tuple) -> str:
-    """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``."""
+    """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``; in an edit, the op's own
+    parameters."""
+    op = _op_of(loc)
+    if op is not None and len(loc) >= 2 and loc[-2] == op:  # a key of the edit itself, not of a nested mapping
+        own = OPS[op].parameters
+        close = difflib.get_close_matches(str(loc[-1]), list(OPS[op].spec.model_fields), n=1, cutoff=0.6)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        its = f"its parameters: {', '.join(own)}" if own else "it takes no parameters"
+        return f"not a parameter of op {op}{hint} ({its}; every edit: site, layers, rows, heads)"
     allowed = _allowed_keys(loc)
     close = _closest_key(loc)
     hint = f"; did you mean `{close}`?" if close else ""
@@ -352,9 +393,12 @@ def _unknown_key(loc: tuple) -> str:
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Recipe
-    for part in loc:
-        if isinstance(part, int) or _UNION_TAG.match(str(part)):
+    for k, part in enumerate(loc):
+        if _is_tag(loc, k) and part in OPS:
+            model = OPS[str(part)].spec
             continue
+        if isinstance(part, int) or _is_tag(loc, k) or (model is Recipe and part == "edits"):
+            continue  # (an edit's model is named by the op tag that follows)
         info = model.model_fields.get(str(part))
         if info is None:
             return None
@@ -442,32 +486,12 @@ def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
                                  "is not allowed: use strings, numbers, booleans, lists and mappings")
 
 
-def _yaml_error(exc: yaml.YAMLError, origin: str | None) -> str:
-    r"""``FILE, line L, column C: not valid YAML: PROBLEM (CONTEXT at line l, column c)``: where first (the file when
-    known, not PyYAML's ``"<unicode string>"``), then what.
-
-    >>> try:
-    ...     yaml.safe_load("tp: {start: 1, stop: 2\nexit_layer: 3")
-    ... except yaml.YAMLError as exc:
-    ...     print(_yaml_error(exc, "r.yaml"))
-    r.yaml, line 2, column 11: not valid YAML: expected ',' or '}', but got ':' (while parsing a flow mapping at line 1, column 5)
-    """
-    mark = getattr(exc, "problem_mark", None)
-    where = ", ".join(filter(None, [origin, f"line {mark.line + 1}, column {mark.column + 1}" if mark else None]))
-    problem = getattr(exc, "problem", None) or str(exc).replace('in "<unicode string>", ', "")
-    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    if context and cmark is not None:
-        problem += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
-    elif context:
-        problem += f" ({context})"
-    if "tag" in problem:
-        problem += "; only plain YAML is accepted, no tags"
-    return f"{where + ': ' if where else ''}not valid YAML: {problem}"
-
-
-def parse_recipe(source: str | dict | Recipe, *, origin: str | None = None) -> Recipe:
+def parse_recipe(source: str | dict | Recipe, base: str | Path | None = None, *, origin: str | None = None) -> Recipe:
     """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field;
-    ``origin`` (a file name) starts YAML syntax errors."""
+    ``origin`` (a file name) starts YAML syntax errors.
+
+    ``base``: the folder relative vector-file paths (``value: v.npy``) resolve against (default: the working
+    directory; :func:`read_recipe` passes the recipe file's folder)."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, str):
@@ -488,7 +512,7 @@ def parse_recipe(source: str | dict | Recipe, *, origin: str | None = None) -> R
     if not isinstance(source, dict):
         raise RecipeError("<recipe>", f"a recipe must be a mapping of fields, got {type(source).__name__}")
     try:
-        return Recipe.model_validate(source)
+        return Recipe.model_validate(source, context={"base": str(base) if base is not None else None})
     except ValidationError as exc:
         err = _error_from_validation(exc, source)
         seen = {f for f, _ in err.problems}  # the whole-recipe checks too, read from the raw data: one round
@@ -573,9 +597,10 @@ def read_recipe(path: str | Path) -> Recipe:
         raise RecipeError("<recipe>", f"{p} is empty (an empty file is not the default recipe; write at least one "
                                       "field, e.g. `exit_layer: -1`, or name a shipped recipe)")
     try:
-        recipe = parse_recipe(text, origin=str(p))
+        recipe = parse_recipe(text, base=p.resolve().parent, origin=str(p))
     except RecipeError as exc:
-        err = RecipeError(exc.field, f"{exc.message} (in {p})", more=exc.problems[1:])
+        named = exc.message.startswith(str(p))  # a YAML syntax error already starts with the file
+        err = RecipeError(exc.field, exc.message if named else f"{exc.message} (in {p})", more=exc.problems[1:])
         err.data = getattr(exc, "data", None)
         raise err from None
     return recipe

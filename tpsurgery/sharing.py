@@ -25,8 +25,11 @@ from .resources import caller_indices, check_texts, non_finite_message, non_fini
 
 def batch_key(plan: Plan) -> tuple:
     """Plans with equal keys run on the same batches: collation (with the auxiliary runs' batches) and prompt-prefix
-    reuse depend on these, and the inputs a batch rejects (mean pooling with no sentence token) on the pooling."""
-    return plan.source, plan.hide_placeholders, plan.needs_masks, plan.pooling, plan.runs
+    reuse depend on these facts of the plan (:class:`~tpsurgery.plan.Plan`: ``reach`` and ``min_length`` for the
+    rows a batch rejects, ``touches`` and ``prefix_reusable`` for the prefix limit), and the inputs a batch rejects
+    (mean pooling with no sentence token) on the pooling."""
+    return (plan.reach, plan.min_length, plan.hide_placeholders, plan.prefix_reusable, plan.touches, plan.pooling,
+            plan.pool_k, plan.runs)
 
 
 def common_layers(a: Plan, b: Plan) -> int:

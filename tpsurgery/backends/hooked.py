@@ -1,13 +1,12 @@
-"""The trace-free fast path: a plan run with plain PyTorch hooks on the modules it touches, and nothing else.
+"""The trace-free fast path: a plan's schedule run with plain PyTorch hooks on the modules it touches, nothing else.
 
 ``nnsight.NNsight(model)`` puts a forward wrapper on every module and routes each call through its interleaver; on a
 small model, or on a GPU where the host issues the kernels, that bookkeeping costs more than the layers (about 1.5x on
-a tiny 30-layer Llama, docs/performance.md). A plan's edits are all of the kind a hook can do, so :func:`run_hooked`
-runs them with ``register_forward_pre_hook`` / ``register_forward_hook`` on the touched modules only, with the same
-edit functions (:mod:`tpsurgery.backends.surgery`, :func:`tpsurgery.masks.replace_mask`) and the same early exit: a
-private exception raised by the hook that takes the last read, so later layers, the final norm (unless read) and the
-LM head never run. Rows that edits take from auxiliary prompt runs (Contrastive Prompting) are captured the same way by
-:func:`capture_hooked`, which stops each run after its last site. Hooks are always removed, also on errors.
+a tiny 30-layer Llama, docs/performance.md). Every point of a schedule (:mod:`tpsurgery.backends.walk`) is of the kind
+a hook can do, so :func:`hook_engine` maps each site to ``register_forward_pre_hook`` / ``register_forward_hook`` on
+one module (the table in :func:`_register`) and the hook of the last point raises :class:`~tpsurgery.backends.walk.Stop`,
+so later layers, the final norm (unless read) and the LM head never run; auxiliary prompt runs (Contrastive Prompting)
+run the same way along their capture schedules. Hooks are always removed, also on errors.
 
 >>> import torch, tpsurgery
 >>> from tpsurgery.testing import tiny_model
@@ -17,7 +16,7 @@ LM head never run. Rows that edits take from auxiliary prompt runs (Contrastive 
 >>> batch = next(emb.batches(emb.tokenize(["a b"], emb.recipe.templates[0]), 8))[1]
 >>> kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
 ...           use_cache=False)
->>> out = run_hooked(model, emb.spec, emb.plan, batch, False, kw)
+>>> out, kept = run_hooked(model, emb.spec, emb.plan, batch, False, kw)
 >>> out.shape, [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [0] * len(list(model.modules()))
 (torch.Size([1, 32]), True)
 """
@@ -31,10 +30,10 @@ from typing import Any, Iterator
 import torch
 
 from ..arch import ArchSpec, attn_out_module, embed_site, get_path
+from ..errors import BackendError
 from ..masks import replace_mask
 from ..plan import Batch, Plan
-from .pooling import pool
-from .surgery import apply_edits, capture
+from .walk import Engine, Point, Schedule, Stop, Walk, run_plan
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -61,10 +60,6 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
     return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
-class _Stop(Exception):
-    """Raised by the hook that takes the last read: nothing after it runs."""
-
-
 @contextlib.contextmanager
 def _removing(handles: list) -> Iterator[list]:
     try:
@@ -74,118 +69,71 @@ def _removing(handles: list) -> Iterator[list]:
             h.remove()
 
 
-def _site_hook(module_of: Any, spec: ArchSpec, site: str, i: int, fn: Any, field: str = "edits") -> Any:
-    """Register ``fn(h)`` to see the hidden state at ``site`` of layer ``i``; returns the handle."""
-    layers = get_path(module_of, spec.layers)
-    if site == "embed":
-        return _embed_hook(module_of, spec, fn)
-    if site == "layer_in":
-        return layers[i].register_forward_pre_hook(lambda mod, args: fn(args[0]))
-    if site == "attn_out_in":
-        return attn_out_module(spec, layers[i], i, field).register_forward_pre_hook(lambda mod, args: fn(args[0]))
-    return layers[i].register_forward_hook(lambda mod, args, out: fn(out[0] if spec.tuple_output else out))
+def _register(model: Any, spec: ArchSpec, point: Point, walk: Walk, last: bool, where: int) -> Any:
+    """The hook of one schedule point on its module (the site-to-hook table of this engine); returns the handle."""
+    layers = get_path(model, spec.layers)
+    i, site = point.layer, point.site
+    if site == "attn_mask":
+        def swap(mod, args, kwargs):  # never the last point: a read of a later site follows
+            return replace_mask((args, kwargs), walk.masks[i], where)
+
+        return layers[i].register_forward_pre_hook(swap, with_kwargs=True)
+    fn = walk.hook(point, last)
+    if site == "embed" and embed_site(spec)[1] == "input":  # a scaled embedding: hidden_states[0] is layer 0's input
+        def pre0(mod, args):
+            h = fn(args[0])
+            return None if h is args[0] else (h, *args[1:])
+
+        return get_path(model, embed_site(spec)[0]).register_forward_pre_hook(pre0)
+    if site in ("embed", "norm"):
+        return get_path(model, spec.embed if site == "embed" else spec.norm).register_forward_hook(
+            lambda mod, args, out: fn(out))
+    if site in ("layer_in", "attn_out_in"):
+        module = layers[i] if site == "layer_in" else attn_out_module(spec, layers[i], i, point.field)
+
+        def pre(mod, args):
+            h = fn(args[0])
+            return None if h is args[0] else (h, *args[1:])
+
+        return module.register_forward_pre_hook(pre)
+    if site == "layer_out":
+        def post(mod, args, out):
+            h = out[0] if spec.tuple_output else out
+            new = fn(h)
+            if new is h:
+                return None
+            return (new, *out[1:]) if spec.tuple_output else new
+
+        return layers[i].register_forward_hook(post)
+    raise BackendError(f"the hook path cannot run schedule point {point} (layers are skipped by resumed runs only, "
+                       "which the nnsight trace runs)", i)
 
 
-def _embed_hook(module_of: Any, spec: ArchSpec, fn: Any) -> Any:
-    """Register ``fn(h) -> h or None`` at the ``embed`` site (:func:`tpsurgery.arch.embed_site`); returns the handle."""
-    path, where = embed_site(spec)
-    if where == "output":
-        return get_path(module_of, path).register_forward_hook(lambda mod, args, out: fn(out))
-
-    def pre(mod, args):
-        h = fn(args[0])
-        return None if h is None else (h, *args[1:])
-
-    return get_path(module_of, path).register_forward_pre_hook(pre)
-
-
-def capture_hooked(model: Any, spec: ArchSpec, plan: Plan, batch: Batch, device: torch.device) -> dict:
-    """``{(run, site, layer, rows): [B, k, width]}``: the rows ``add`` / ``subtract`` edits take from each auxiliary
-    run (``batch.other(run)``), each run stopped after the last site it provides."""
-    out: dict = {}
-    for run, _ in plan.runs:
-        aux = batch_to(batch.other(run), device)
-        wanted = plan.captures(run)
+def hook_engine(model: Any, spec: ArchSpec, where: int = 0) -> Engine:
+    """The engine that runs a schedule with plain PyTorch hooks on ``model`` (``where``: the positional index of a
+    decoder layer's ``attention_mask`` argument); the last point's hook raises :class:`Stop`."""
+    def run(plan_schedule: Schedule, walk: Walk, kwargs: dict) -> None:
+        points = plan_schedule.points
         with _removing([]) as handles:
-            for k, (site, i, rows) in enumerate(wanted):
-                def keep(h, key=(run, site, i, rows), last=k == len(wanted) - 1):
-                    out[key] = capture(h, key[3], aux)
-                    if last:
-                        raise _Stop
-
-                handles.append(_site_hook(model, spec, site, i, keep))
+            for k, point in enumerate(points):
+                handles.append(_register(model, spec, point, walk, k == len(points) - 1, where))
             try:
-                model(input_ids=aux.input_ids, attention_mask=aux.attention_mask, position_ids=aux.position_ids,
-                      use_cache=False)
-            except _Stop:
+                model(**kwargs)
+            except Stop:
                 pass
-    return out
+
+    return run
 
 
 def run_hooked(model: Any, spec: ArchSpec, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict,
-               masks: dict | None = None, where: int = 0, captured: dict | None = None) -> torch.Tensor:
-    """Pooled ``hidden_states[M]`` (``[B, d]``; ``[B, M + 1, d]`` with ``all_layers``) of the plan on one batch.
+               masks: dict | None = None, where: int = 0, keep: tuple[int, ...] = ()
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Pooled ``hidden_states[M]`` (``[B, d]``; ``[B, M + 1, d]`` with ``all_layers``) of the plan on one batch, and
+    ``{j: hidden_states[j]}`` for ``keep`` (:func:`tpsurgery.backends.walk.run_plan` with :func:`hook_engine`).
 
     ``batch``: on the model's device (:func:`batch_to`); ``kwargs``: the model's forward arguments (device tensors,
-    possibly a prefix cache); ``masks``: ``{layer: mask}``
-    edited attention masks, placed at positional index ``where`` when the layer takes its mask positionally.
+    possibly a prefix cache); ``masks``: ``{layer: mask}`` edited attention masks, placed at positional index ``where``
+    when the layer takes its mask positionally.
     """
-    masks, captured = masks or {}, captured or {}
-    layers = get_path(model, spec.layers)
-    m, n = plan.exit_layer, plan.n_layers
-    by_layer = plan.by_layer()  # {layer: {site: edits}}
-    tuple_out = spec.tuple_output
-    reads: list[torch.Tensor] = []
-
-    def read(h: torch.Tensor, last: bool) -> None:
-        reads.append(pool(h, plan.pooling, batch.text_mask))
-        if last:
-            raise _Stop
-
-    def edit(h: torch.Tensor, edits: Any, heads: int | None = None) -> torch.Tensor:
-        return apply_edits(h, edits, batch, captured, heads)
-
-    with _removing([]) as handles:
-        embed_edits = by_layer.get(0, {}).get("embed")
-        if embed_edits:
-            handles.append(_embed_hook(model, spec, lambda h: edit(h, embed_edits)))  # before layer 0's hooks
-        for i in range(plan.layers_run):
-            edits = by_layer.get(i, {})
-            layer_in, read_input = edits.get("layer_in"), all_layers and i == 0
-            if i in masks or layer_in or read_input:
-                def pre(mod, args, kw, i=i, layer_in=layer_in, read_input=read_input):
-                    if i in masks:
-                        args, kw = replace_mask((args, kw), masks[i], where)
-                    if read_input:
-                        read(args[0], False)
-                    if layer_in:
-                        args = (edit(args[0], layer_in), *args[1:])
-                    return tuple(args), kw
-
-                handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
-            if edits.get("attn_out_in"):
-                proj = attn_out_module(spec, layers[i], i, edits["attn_out_in"][0].field)
-                handles.append(proj.register_forward_pre_hook(
-                    lambda mod, args, e=edits["attn_out_in"]: (edit(args[0], e, plan.n_heads), *args[1:])))
-            read_out = all_layers and i < m - 1 or (i == m - 1 and m < n)  # hidden_states[i + 1]
-            if edits.get("layer_out") or read_out:
-                def post(mod, args, out, e=edits.get("layer_out"), read_out=read_out, last=(i == m - 1)):
-                    h = out[0] if tuple_out else out
-                    if e:
-                        h = edit(h, e)
-                        out = (h, *out[1:]) if tuple_out else h
-                    if read_out:
-                        read(h, last)
-                    return out
-
-                handles.append(layers[i].register_forward_hook(post))
-        if m == 0:  # no layer runs: the read is layer 0's input
-            handles.append(layers[0].register_forward_pre_hook(lambda mod, args: read(args[0], True)))
-        elif m == n:
-            handles.append(get_path(model, spec.norm).register_forward_hook(lambda mod, args, out: read(out, True)))
-        try:
-            model(**kwargs)
-        except _Stop:
-            pass
-    # a device_map'ed model reads each layer on its own device
-    return torch.stack([r.to(reads[0].device) for r in reads], 1) if all_layers else reads[-1]
+    return run_plan(hook_engine(model, spec, where), plan, batch, kwargs, all_layers, keep=keep, masks=masks,
+                    where=type(model).__name__)

@@ -1,15 +1,16 @@
-"""The nnsight backend: one ``trace`` per batch runs a plan with fixed code.
+"""The nnsight backend: one ``trace`` per batch runs a plan's schedule with fixed code.
 
-The trace body below is the whole engine: it walks the plan's edits in execution order, mapping each site to a hook
-point (embedding output, a layer's inputs and attention mask, its o_proj input, its output) through the architecture
-table and applying the edits with :func:`tpsurgery.backends.surgery.apply_edits`; reads the exit layer, then calls
-``tracer.stop()`` so that later layers, the final norm (unless it is the exit) and the LM head never run. Rows that
-edits take from auxiliary prompt runs are captured first, by a trace of each run that stops after its last site.
+The plan's schedule (:mod:`tpsurgery.backends.walk`: the edits, reads and stop of every hook point, in execution
+order) is walked in the trace body: each site is an envoy value (embedding output, a layer's inputs and attention
+mask, its o_proj input, its output, the final norm's output), read and, where edited, set again; ``tracer.stop()``
+after the last point, so that later layers, the final norm (unless it is read) and the LM head never run. Rows that
+edits take from auxiliary prompt runs are captured first, by a trace of each run along its capture schedule.
 
-Plain runs (``run``, not a resumed part of a shared sweep) take the trace-free fast path by default: the same edits,
-captures and early exit with PyTorch hooks on the touched modules only (:mod:`tpsurgery.backends.hooked`), bit-identical
-to the trace without nnsight's per-module wrappers (docs/performance.md). ``backend.fast_path = False`` traces every
-batch; so does a model that carries foreign PyTorch hooks or nnsight edits (:mod:`tpsurgery.foreign`).
+Runs that start at layer 0 take the trace-free fast path by default: the same schedule with PyTorch hooks on the
+touched modules only (:mod:`tpsurgery.backends.hooked`), bit-identical to the trace without nnsight's per-module
+wrappers (docs/performance.md). ``backend.fast_path = False`` traces every batch; a run resumed at a layer
+(``run_part`` with ``start``) is always traced (nnsight's ``Envoy.skip`` skips the layers before it); so is a model
+that carries foreign PyTorch hooks or nnsight edits (:mod:`tpsurgery.foreign`), which the trace honours in one order.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from ..plan import Batch, Plan
 from ..prefix import Prefix
 from ..masks import layer_masks, mask_position, replace_mask
 from ..placement import input_device
-from .hooked import batch_to, capture_hooked, run_hooked
-from .pooling import pool
-from .surgery import apply_edits, capture
+from .hooked import batch_to, hook_engine
+from .walk import Engine, Point, Schedule, Walk, model_inputs, run_plan
 
 
 def _is_nnsight(forward: Any) -> bool:
@@ -100,112 +100,66 @@ class NNsightBackend:
     def _call(self, plan, batch, all_layers, prefix, start=0, hidden=None, keep=()):
         device = input_device(self.model, self.spec)  # a device_map'ed model: where the embedding runs
         on_device = batch_to(batch, device)  # every tensor copied once (pinned, non-blocking on CUDA)
-        kwargs = dict(
-            input_ids=on_device.input_ids,
-            attention_mask=on_device.attention_mask,
-            position_ids=on_device.position_ids,
-            use_cache=False,
-        )
+        kwargs = model_inputs(on_device)
         if prefix is not None:  # batch holds the rows after the shared prefix; indices are relative to it
             if plan.needs_masks:
                 raise BackendError("prefix reuse cannot be combined with attention-mask edits")
             kwargs = prefix.model_inputs(batch, device)
+        masks = layer_masks(self.model, plan, on_device)  # {layer: its edited mask}; {} without mask edits
+        where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
+        # foreign hooks / nnsight edits: the trace path, which honours both in one order (tpsurgery.foreign)
+        if self.fast_path and not start and not carried(self.model, self._envoy).any:
+            engine = hook_engine(self.model, self.spec, where)
+        else:
+            engine = self._trace_engine(where, hidden.to(device) if start else None)
         try:
-            # foreign hooks / nnsight edits: the trace path, which honours both in one order (tpsurgery.foreign)
-            if self.fast_path and not start and not keep and not carried(self.model, self._envoy).any:
-                return self._hooked(plan, on_device, all_layers, kwargs, device), {}
-            return self._trace(plan, batch, all_layers, kwargs, start, hidden, keep)
+            with torch.no_grad():
+                return run_plan(engine, plan, on_device, kwargs, all_layers, start, keep, masks,
+                                type(self.model).__name__)
         except TpsurgeryError:
             raise
         except Exception as exc:  # nnsight re-raises model errors from its worker; add context
             raise BackendError(f"nnsight backend failed on a batch of {batch.size}: {type(exc).__name__}: {exc}") from exc
 
-    def _hooked(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, device: torch.device) -> torch.Tensor:
-        masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
-        where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
-        with torch.no_grad():
-            captured = capture_hooked(self.model, self.spec, plan, batch, device) if plan.runs else {}
-            return run_hooked(self.model, self.spec, plan, batch, all_layers, kwargs, masks, where, captured)
+    def _trace_engine(self, where: int, hidden: torch.Tensor | None) -> Engine:
+        """The engine that runs a schedule as one nnsight trace: each point's site is an envoy value (this engine's
+        site-to-hook table), read, handed to :meth:`Walk.at` and set again where edited; ``tracer.stop()`` after the
+        last point. ``hidden``: what skipped layers return (a resumed run)."""
+        envoy, spec = self.envoy, self.spec
+        layers = get_path(envoy, spec.layers)
+        skipped = (hidden,) if spec.tuple_output else hidden
 
-    def _capture(self, plan: Plan, batch: Batch) -> dict:
-        """Rows that ``add`` / ``subtract`` edits take from auxiliary runs: each run is traced on its own batch up to
-        the last site it must provide, then stopped."""
-        layers = get_path(self.envoy, self.spec.layers)
-        out = {}
-        for run, _ in plan.runs:
-            aux = batch.other(run)
-            device = input_device(self.model, self.spec)
-            wanted = plan.captures(run)
-            with torch.no_grad(), self.envoy.trace(input_ids=aux.input_ids.to(device),
-                                                   attention_mask=aux.attention_mask.to(device),
-                                                   position_ids=aux.position_ids.to(device), use_cache=False) as tracer:
-                for site, i, rows in wanted:
-                    h = self._site(site, layers, i)
-                    out[(run, site, i, rows)] = capture(h[0] if site == "layer_out" and self.spec.tuple_output else h,
-                                                       rows, aux).save()
+        def visit(point: Point, walk: Walk) -> None:
+            i, site = point.layer, point.site
+            if site == "layer":
+                layers[i].skip(skipped)
+            elif site == "attn_mask":
+                layers[i].inputs = replace_mask(layers[i].inputs, walk.masks[i], where)
+            elif site == "layer_out":
+                out = layers[i].output
+                h = out[0] if spec.tuple_output else out
+                new = walk.at(point, h)
+                if new is not h:
+                    layers[i].output = (new, *out[1:]) if spec.tuple_output else new
+            else:
+                module = (get_path(envoy, embed_site(spec)[0]) if site == "embed" else get_path(envoy, spec.norm)
+                          if site == "norm" else layers[i] if site == "layer_in"
+                          else attn_out_module(spec, layers[i], i, point.field))
+                if site == "norm" or site == "embed" and embed_site(spec)[1] == "output":
+                    h = module.output
+                    new = walk.at(point, h)
+                    if new is not h:
+                        module.output = new
+                else:
+                    h = module.input
+                    new = walk.at(point, h)
+                    if new is not h:
+                        module.input = new
+
+        def run(plan_schedule: Schedule, walk: Walk, kwargs: dict) -> None:
+            with envoy.trace(**kwargs) as tracer:
+                for point in plan_schedule.points:
+                    visit(point, walk)
                 tracer.stop()
-        return out
 
-    def _site(self, site: str, layers: Any, i: int) -> Any:
-        """The envoy value of a site (read access)."""
-        if site == "embed":
-            path, where = embed_site(self.spec)
-            return getattr(get_path(self.envoy, path), where)
-        if site == "layer_in":
-            return layers[i].input
-        if site == "attn_out_in":
-            return attn_out_module(self.spec, layers[i], i).input
-        return layers[i].output
-
-    def _trace(self, plan: Plan, batch: Batch, all_layers: bool, kwargs: dict, start: int = 0,
-               hidden: torch.Tensor | None = None, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
-        layers = get_path(self.envoy, self.spec.layers)
-        embed, embed_at = embed_site(self.spec)
-        embed = get_path(self.envoy, embed)  # the `embed` site: embedding output or layer 0's input (Granite)
-        norm = get_path(self.envoy, self.spec.norm)
-        tuple_out = self.spec.tuple_output
-        m = plan.exit_layer
-        by_layer = plan.by_layer()  # {layer: {site: edits}}
-        captured = self._capture(plan, batch) if plan.runs else {}
-        reads, kept = [], {}
-        masks = layer_masks(self.model, plan, batch) if plan.needs_masks else {}  # {layer: its edited mask}
-        where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
-        heads = plan.n_heads
-        if start:
-            hidden = hidden.to(input_device(self.model, self.spec))
-            skipped = (hidden,) if tuple_out else hidden
-        with torch.no_grad(), self.envoy.trace(**kwargs) as tracer:
-            if not start and by_layer.get(0, {}).get("embed"):
-                setattr(embed, embed_at, apply_edits(getattr(embed, embed_at), by_layer[0]["embed"], batch, captured))
-            for i in range(plan.layers_run):
-                if i < start:  # resumed: these layers do not run; the last one "returns" hidden_states[start]
-                    layers[i].skip(skipped)
-                    continue
-                edits = by_layer.get(i, {})
-                if i in masks:
-                    layers[i].inputs = replace_mask(layers[i].inputs, masks[i], where)
-                if all_layers and i == 0:
-                    reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
-                if "layer_in" in edits:
-                    layers[i].input = apply_edits(layers[i].input, edits["layer_in"], batch, captured)
-                if "attn_out_in" in edits:
-                    proj = attn_out_module(self.spec, layers[i], i, edits["attn_out_in"][0].field)
-                    proj.input = apply_edits(proj.input, edits["attn_out_in"], batch, captured, heads)
-                if "layer_out" in edits:
-                    out = layers[i].output
-                    new = apply_edits(out[0] if tuple_out else out, edits["layer_out"], batch, captured)
-                    layers[i].output = (new, *out[1:]) if tuple_out else new
-                read = all_layers and i < m - 1 or (i == m - 1 and m < plan.n_layers)  # hidden_states[i + 1]
-                if read or i + 1 in keep:
-                    out = layers[i].output[0] if tuple_out else layers[i].output
-                    if i + 1 in keep:
-                        kept[i + 1] = out.clone().save()
-                    if read:
-                        reads.append(pool(out, plan.pooling, batch.text_mask).save())
-            if m == 0:  # no layer runs: the read is layer 0's input (also the only all_layers slice)
-                reads.append(pool(layers[0].input, plan.pooling, batch.text_mask).save())
-            elif m == plan.n_layers:
-                reads.append(pool(norm.output, plan.pooling, batch.text_mask).save())
-            tracer.stop()
-        # a device_map'ed model reads each layer on its own device
-        return (torch.stack([r.to(reads[0].device) for r in reads], 1) if all_layers else reads[-1]), kept
+        return run

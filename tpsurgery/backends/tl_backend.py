@@ -13,11 +13,11 @@ True
 >>> model.config._attn_implementation, type(model.model.layers[0]).__name__   # the user's model is untouched
 ('sdpa', 'LlamaDecoderLayer')
 
-One ``run_with_hooks`` call per batch: each edit site maps to a hook point (:data:`SITE_HOOKS`: ``hook_embed``,
-``blocks.{i}.hook_resid_pre``, ``blocks.{i}.attn.o.hook_in``, ``blocks.{i}.hook_resid_post``) whose hook applies the
-edits with the same :mod:`~tpsurgery.backends.surgery` functions as the nnsight backend (auxiliary prompt runs are
-captured first by runs that stop after their last site), and ``stop_at_layer=M`` ends the pass at
-the exit layer (for ``M == n_layers`` the ``ln_final.hook_out`` read ends it, so the unembedding never runs).
+One ``run_with_hooks`` call per batch runs the plan's schedule (:mod:`tpsurgery.backends.walk`, the same as the
+nnsight backend's): each site maps to a hook point (:data:`SITE_HOOKS`: ``hook_embed``, ``blocks.{i}.hook_resid_pre``,
+``blocks.{i}.attn.o.hook_in`` (heads flattened head-major, as in HF), ``blocks.{i}.hook_resid_post``,
+``ln_final.hook_out``) and the hook of the last point ends the pass (auxiliary prompt runs the same way along their
+capture schedules), so layers after the exit and the unembedding never run.
 Attention-mask edits hand the bridge's attention component of each scheduled layer the mask that
 :func:`tpsurgery.masks.layer_masks` builds for the nnsight backend (a forward pre-hook on ``blocks.{i}.attn``
 replaces its ``attention_mask``): ``hook_attn_scores`` fires after the mask has been added, so it could hide a
@@ -32,7 +32,6 @@ as found (every hook this backend adds is removed, also when a run fails).
 from __future__ import annotations
 
 import copy
-import functools
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -41,26 +40,17 @@ from typing import Any, Iterator
 import torch
 
 from ..arch import ArchSpec, arch_for
-from ..edits import SITES
 from ..errors import BackendError, ModelError, TpsurgeryError
+from ..masks import layer_masks
 from ..placement import input_device
 from ..plan import Batch, Plan
 from ..prefix import Prefix
-from .pooling import pool
-from .surgery import apply_edits, capture
+from .hooked import batch_to
+from .walk import Schedule, Stop, Walk, flatten_heads, model_inputs, run_plan, unflatten_heads
 
-# edit sites -> TransformerLens hook points (attention-mask edits go through a pre-hook on blocks.{i}.attn)
+# schedule sites -> TransformerLens hook points (attention-mask points go through a pre-hook on blocks.{i}.attn)
 SITE_HOOKS = {"embed": "hook_embed", "layer_in": "blocks.{i}.hook_resid_pre", "attn_out_in": "blocks.{i}.attn.o.hook_in",
-              "layer_out": "blocks.{i}.hook_resid_post"}
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``[B, L, heads, d_head]`` (TransformerLens's o_proj input) -> ``[B, L, heads * d_head]`` (head-major, as in HF)."""
-    return t.reshape(*t.shape[:2], -1) if t.dim() == 4 else t
-
-
-class _ExitReached(Exception):
-    """Raised by the final-norm read hook: everything after it (the unembedding) is wasted work."""
+              "layer_out": "blocks.{i}.hook_resid_post", "norm": "ln_final.hook_out"}
 
 
 def is_bridge(obj: Any) -> bool:
@@ -135,94 +125,42 @@ class TransformerLensBackend:
         if prefix is not None:
             raise BackendError("the transformer_lens backend cannot run on a prompt prefix's keys/values "
                                "(supports_prefix is False)")
-        device = input_device(self.model, self.spec)
-        m, n = plan.exit_layer, self.n_layers
-        reads: list[torch.Tensor] = []
+        on_device = batch_to(batch, input_device(self.model, self.spec))
         try:
-            captured = self._capture(plan, batch) if plan.runs else {}
-            hooks = self._hooks(plan, batch, all_layers, reads, captured)
-            with torch.no_grad(), self._mask_edits(plan, batch):
-                out = self.bridge.run_with_hooks(
-                    batch.input_ids.to(device), fwd_hooks=hooks, return_type=None,
-                    stop_at_layer=m if m < n else None, attention_mask=batch.attention_mask.to(device),
-                    position_ids=batch.position_ids.to(device), use_cache=False,
-                )
-        except _ExitReached:
-            out = None
+            masks = layer_masks(self.model, plan, on_device)  # {layer: its edited mask}; {} without mask edits
+            with torch.no_grad():
+                return run_plan(self._engine, plan, on_device, model_inputs(on_device), all_layers, masks=masks,
+                                where=self.architecture)[0]
         except TpsurgeryError:
             raise
         except Exception as exc:
             raise BackendError(f"transformer_lens backend failed on a batch of {batch.size} "
                                f"({self.architecture}): {type(exc).__name__}: {exc}") from exc
-        if m < n:
-            if not isinstance(out, torch.Tensor):
-                raise BackendError(f"TransformerLens returned no residual at stop_at_layer={m} ({self.architecture})")
-            reads.append(pool(out, plan.pooling, batch.text_mask).clone())
-        if len(reads) != (m + 1 if all_layers else 1):
-            raise BackendError(f"expected {m + 1 if all_layers else 1} reads, got {len(reads)}: a hook did not fire "
-                               f"on {self.architecture}")
-        return torch.stack(reads, 1) if all_layers else reads[-1]
 
-    def _capture(self, plan: Plan, batch: Batch) -> dict:
-        """Rows that ``add`` / ``subtract`` edits take from auxiliary runs (each run stops after its last site)."""
-        device = input_device(self.model, self.spec)
-        out: dict = {}
-        for run, _ in plan.runs:
-            aux = batch.other(run)
-            wanted = plan.captures(run)
+    def _engine(self, plan_schedule: Schedule, walk: Walk, kwargs: dict) -> None:
+        """Run the bridge once along a schedule: one ``(hook point, function)`` per point (:data:`SITE_HOOKS`), the
+        last one raising :class:`~tpsurgery.backends.walk.Stop`; mask points hand the attention its edited mask."""
+        points = plan_schedule.points
+        hooks = []
+        for k, point in enumerate(points):
+            if point.site == "attn_mask":
+                continue
+            if point.site not in SITE_HOOKS:
+                raise BackendError(f"the transformer_lens backend cannot run schedule point {point}", point.layer)
+            fn = walk.hook(point, k == len(points) - 1)
 
-            def grab(t, hook, key=None, last=False):
-                out[key] = capture(_flat(t), key[3], aux)
-                if last:
-                    raise _ExitReached
+            def hook(t, hook, fn=fn):
+                flat = flatten_heads(t)
+                new = fn(flat)
+                return None if new is flat else unflatten_heads(new, t.shape)
 
-            hooks = [(self._hook_point(site, i), functools.partial(grab, key=(run, site, i, rows),
-                                                                      last=k == len(wanted) - 1))
-                     for k, (site, i, rows) in enumerate(wanted)]
-            try:
-                with torch.no_grad():
-                    self.bridge.run_with_hooks(aux.input_ids.to(device), fwd_hooks=hooks, return_type=None,
-                                               attention_mask=aux.attention_mask.to(device),
-                                               position_ids=aux.position_ids.to(device), use_cache=False)
-            except _ExitReached:
-                pass
-        return out
-
-    def _hooks(self, plan: Plan, batch: Batch, all_layers: bool, reads: list, captured: dict) -> list:
-        """``(hook name, function)`` pairs in firing order; a read at ``hook_resid_pre`` comes before that site's
-        edits, a read at ``hook_resid_post`` after them (as ``hidden_states`` in the nnsight backend)."""
-        m, n = plan.exit_layer, self.n_layers
-        by_layer = plan.by_layer()
-
-        def read(t, hook):
-            reads.append(pool(t, plan.pooling, batch.text_mask).clone())
-
-        def read_and_exit(t, hook):
-            read(t, hook)
-            raise _ExitReached
-
-        def edit(edits):
-            return lambda t, hook: apply_edits(_flat(t), edits, batch, captured, plan.n_heads).reshape(t.shape)
-
-        hooks: list = []
-        if by_layer.get(0, {}).get("embed"):
-            if self.spec.scaled_embed and m == 0:  # stop_at_layer=0 ends before blocks.0.hook_resid_pre fires
-                raise BackendError(f"recipe field `{by_layer[0]['embed'][0].field}`: an edit of the embedding output "
-                                   f"read at exit_layer 0 cannot run on the transformer_lens backend for "
-                                   f"{self.architecture} (it scales the embedding before layer 0); use the nnsight "
-                                   "backend", 0)
-            hooks.append((self._hook_point("embed", 0), edit(by_layer[0]["embed"])))
-        for i in range(plan.layers_run):
-            if all_layers and i == 0:
-                hooks.append(("blocks.0.hook_resid_pre", read))
-            for site, edits in sorted(by_layer.get(i, {}).items(), key=lambda kv: SITES.index(kv[0])):
-                if site in SITE_HOOKS and site != "embed":
-                    hooks.append((SITE_HOOKS[site].format(i=i), edit(edits)))
-            if all_layers and i < m - 1:
-                hooks.append((f"blocks.{i}.hook_resid_post", read))
-        if m == n:
-            hooks.append(("ln_final.hook_out", read_and_exit))
-        return hooks
+            hooks.append((self._hook_point(point.site, point.layer), hook))
+        kw = dict(kwargs)
+        try:
+            with self._mask_edits([p for p in points if p.site == "attn_mask"], walk.masks):
+                self.bridge.run_with_hooks(kw.pop("input_ids"), fwd_hooks=hooks, return_type=None, **kw)
+        except Stop:
+            pass
 
     def _hook_point(self, site: str, i: int) -> str:
         """The hook point of an edit site (:data:`SITE_HOOKS`); ``embed`` is ``blocks.0.hook_resid_pre`` in a family
@@ -240,17 +178,14 @@ class TransformerLensBackend:
         return attn
 
     @contextmanager
-    def _mask_edits(self, plan: Plan, batch: Batch) -> Iterator[None]:
+    def _mask_edits(self, points: list, masks: dict) -> Iterator[None]:
         """Forward pre-hooks that hand the scheduled layers' attention the edited mask; always removed on exit."""
         handles = []
         try:
-            if plan.needs_masks:
-                from ..masks import layer_masks
-
-                for i, mask in layer_masks(self.model, plan, batch).items():
-                    field = "placeholder.mask" if i in plan.mask_layers else "attention.bidirectional"
-                    attn = self._attention(i, field)
-                    handles.append(attn.register_forward_pre_hook(self._mask_hook(mask, i, field), with_kwargs=True))
+            for point in points:
+                attn = self._attention(point.layer, point.field)
+                handles.append(attn.register_forward_pre_hook(self._mask_hook(masks[point.layer], point.layer,
+                                                                              point.field), with_kwargs=True))
             yield
         finally:
             for h in handles:
