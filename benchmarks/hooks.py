@@ -55,7 +55,7 @@ class HookBackend:
 
         def read(mod, args, out):
             h = out[0] if isinstance(out, tuple) else out
-            got.append(pool(h, plan.pooling, batch.text_mask))
+            got.append(pool(h, plan, batch))
             raise _Stop
 
         if m == 0:
@@ -87,4 +87,4 @@ class FullForwardBackend:
         with torch.no_grad():
             out = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                              position_ids=batch.position_ids.to(device), use_cache=False, output_hidden_states=True)
-        return pool(out.hidden_states[plan.exit_layer], plan.pooling, batch.text_mask)
+        return pool(out.hidden_states[plan.exit_layer], plan, batch)

@@ -64,7 +64,7 @@ def embed(model, tok, r):
 def test_cp_scale_is_flagged_exactly_on_models_that_normalise_the_attention_output(arch):
     model, tok = tiny_model(arch, n_layers=4)
     found = inert_edits(quiet_apply(model, tok, recipe(SUB, scale(2.0))))
-    if arch in ("gemma2", "gemma3"):
+    if arch in ("gemma2", "gemma3", "olmo2"):  # post-norm on the attention output before the residual add
         assert [(i.field, i.layer) for i in found] == [("edits.1", 1)]
         assert found[0].by == "model.layers.1.post_attention_layernorm"
     else:  # Llama & co. add the attention output unnormalised (gpt2/opt/falcon... too): a real effect

@@ -66,10 +66,24 @@ def expected_rows(recipe, template, texts, model, tok_bos, ph_id=None) -> list[R
                         official=recipe.compat == "official", limit=max_length(model)) for t in texts]
 
 
+def reads_from_the_recipe(recipe) -> list[int]:
+    """Token counts the ``edits`` section and the pooling need, read from the recipe (conservative: edits at layers
+    the exit layer drops count too): a position p < 0 needs -p tokens, p >= 0 needs p + 1, a copy source -s needs s."""
+    need = []
+    for spec in recipe.edits:
+        rows = spec.rows if isinstance(spec.rows, (tuple, list)) else (spec.rows,)
+        need += [-p if p < 0 else p + 1 for p in rows if isinstance(p, int)]
+        source = getattr(spec, "source", None)
+        need += [-source] if isinstance(source, int) and source < 0 else []
+    k = getattr(recipe.pooling, "k", None)
+    return need + ([k] if k else [])
+
+
 def valid(recipe, rows: list[Row | None]) -> bool:
     """Whether the engine must accept all rows (invalid inputs are covered by test_invalid_inputs_are_named)."""
+    need = max([1, -recipe.tp.source] + reads_from_the_recipe(recipe))
     for r in rows:
-        if r is None or len(r.ids) == 0 or len(r.ids) < -recipe.tp.source:
+        if r is None or len(r.ids) < need:
             return False
         if recipe.pooling == "mean" and r.text_span[0] == r.text_span[1]:
             return False

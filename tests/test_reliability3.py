@@ -23,6 +23,7 @@ from tpsurgery.cli import app
 from tpsurgery.data import load_stsb
 from tpsurgery.evaluation import evaluate_sts
 from tpsurgery.testing import tiny_model
+from tpsurgery.foreign import observer
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "format-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is not present")
@@ -543,7 +544,7 @@ def test_validate_lists_schema_op_run_and_layer_problems_at_once_from_the_config
                   {"site": "layer_in", "layers": 1, "rows": "last", "op": "add", "run": "nothere"}]}))
     result = CliRunner().invoke(app, ["recipe", "validate", str(bad), "-m", str(folder)])
     assert result.exit_code == 1, result.output
-    for field in ("`pooling`", "`edits.0`", "`edits.1.run`", "`tp.stop`", "`edits.0.layers`"):
+    for field in ("`pooling`", "`edits.0.factor`", "`edits.1.run`", "`tp.stop`", "`edits.0.layers`"):
         assert field in result.output, (field, result.output)
     limit = tpsurgery.apply(saved[1], REC, tokenizer=saved[2]).max_length
     long = tmp_path / "long.yaml"
@@ -573,7 +574,7 @@ def test_a_resumed_encode_is_bitwise_identical_to_an_uninterrupted_one(tmp_path)
         if len(shapes) == 4 and stopping:
             raise KeyboardInterrupt
 
-    handle = model.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    handle = model.model.layers[0].register_forward_pre_hook(observer(record), with_kwargs=True)  # a watcher, not an edit
     try:
         stopping = False
         clean = tpsurgery.apply(model, REC, tokenizer=tok, embedding_cache=EmbeddingCache(tmp_path / "b")).encode(

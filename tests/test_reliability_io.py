@@ -186,7 +186,8 @@ def test_damaged_converted_weights_are_converted_again(smollm2, tmp_path, monkey
 
     from tpsurgery import models
 
-    shared = models._converted_copy(models.smollm2_gguf_path())  # the session's copy (converted once)
+    gguf = models.smollm2_gguf_path()  # found before the cache moves (`tpsurgery fetch-model` keeps it in the cache)
+    shared = models._converted_copy(gguf)  # the session's copy (converted once)
     monkeypatch.setenv("TPSURGERY_CACHE", str(tmp_path))
     target = tmp_path / "models" / shared.name
     shutil.copytree(shared, target)
@@ -199,7 +200,7 @@ def test_damaged_converted_weights_are_converted_again(smollm2, tmp_path, monkey
         f.write(bytes(x ^ 0x40 for x in b))
     assert "model.safetensors does not match" in models.verify_converted(target)
     with pytest.warns(UserWarning, match=r"converted model .* is damaged \(.*model.safetensors does not match"):
-        assert models._converted_copy(models.smollm2_gguf_path()) == target
+        assert models._converted_copy(gguf) == target
     assert models.verify_converted(target) is None
     left = [p.name for p in (tmp_path / "models").iterdir() if p.name != ".gguf-digests.json"]  # (the digest memo)
     assert left == [shared.name]  # nothing left aside

@@ -90,12 +90,14 @@ def test_cli_eval_writes_as_it_goes_and_a_rerun_reports_the_kept_tasks(tmp_path)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     args = ["eval", "sts", "-r", "smollm2-prompteol", "-m", str(tmp_path / "m"), "-d", str(SAMPLES), "--tasks",
-            "sts13,sts15", "--limit", "6", "-o", str(tmp_path / "r.json"), "--no-progress", "--no-resume"]
+            "sts13,sts15", "--limit", "6", "-o", str(tmp_path / "r.json"), "--no-progress"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and "sts13: kept from" in second.output and "sts15: kept from" in second.output
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["scores"] == read_results(tmp_path / "r.json")[0]["scores"]
+    third = CliRunner().invoke(app, [*args, "--no-resume"])  # recomputes every task
+    assert third.exit_code == 0 and "kept from" not in third.output, third.output
 
 
 def test_spread_by_gold_takes_evenly_spaced_quantiles_in_file_order():

@@ -123,9 +123,11 @@ class Plan:
     # -- facts for batching, prefix reuse and sharing ----------------------------------------------------------------
     @property
     def touches(self) -> tuple[Rows, ...]:
-        """The row selectors that edits (``attn_mask`` edits: ``placeholders``), hidden placeholders and the token
-        pooling (``sentence``, ``last`` or the last ``pool_k`` positions) touch, sorted and without repeats."""
+        """The row selectors that edits (``attn_mask`` edits: ``placeholders``; a ``copy``: its source position too),
+        hidden placeholders and the token pooling (``sentence``, ``last`` or the last ``pool_k`` positions) touch,
+        sorted and without repeats."""
         rows: set = {e.rows if e.site != "attn_mask" else "placeholders" for e in self.edits}
+        rows |= {"last" if e.source == -1 else e.source for e in self.edits if e.source is not None}
         rows |= {"placeholders"} if self.hide_placeholders else set()
         rows |= {"sentence"} if self.pooling == "mean" else {tuple(range(-self.pool_k, 0))} \
             if self.pooling == "last_k" else {"last"}

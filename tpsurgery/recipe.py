@@ -486,6 +486,29 @@ def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
                                  "is not allowed: use strings, numbers, booleans, lists and mappings")
 
 
+def _yaml_error(exc: yaml.YAMLError, origin: str | None) -> str:
+    r"""``FILE, line L, column C: not valid YAML: PROBLEM (CONTEXT at line l, column c)``: where first (the file when
+    known, not PyYAML's ``"<unicode string>"``), then what.
+
+    >>> try:
+    ...     yaml.safe_load("tp: {start: 1, stop: 2\nexit_layer: 3")
+    ... except yaml.YAMLError as exc:
+    ...     print(_yaml_error(exc, "r.yaml"))
+    r.yaml, line 2, column 11: not valid YAML: expected ',' or '}', but got ':' (while parsing a flow mapping at line 1, column 5)
+    """
+    mark = getattr(exc, "problem_mark", None)
+    where = ", ".join(filter(None, [origin, f"line {mark.line + 1}, column {mark.column + 1}" if mark else None]))
+    problem = getattr(exc, "problem", None) or str(exc).replace('in "<unicode string>", ', "")
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and cmark is not None:
+        problem += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    if "tag" in problem:
+        problem += "; only plain YAML is accepted, no tags"
+    return f"{where + ': ' if where else ''}not valid YAML: {problem}"
+
+
 def parse_recipe(source: str | dict | Recipe, base: str | Path | None = None, *, origin: str | None = None) -> Recipe:
     """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field;
     ``origin`` (a file name) starts YAML syntax errors.

@@ -17,7 +17,7 @@ sets the field on every element that has it.
 >>> vary = parse_vary(["edits.layers=3,5", "edits.factor=0.5,2"])
 >>> vary
 {'edits.layers': [3, 5], 'edits.factor': [0.5, 2]}
->>> [(label, [e.factor for e in r.edits]) for label, r in variants(cp, vary)][:2]
+>>> [(label, [getattr(e, "factor", None) for e in r.edits]) for label, r in variants(cp, vary)][:2]
 [('layers=3 factor=0.5', [None, 0.5]), ('layers=3 factor=2', [None, 2.0])]
 >>> variants(cp, parse_vary(["edits.alpha=0.5"]))
 Traceback (most recent call last):
