@@ -137,6 +137,11 @@ class TransformerLensBackend:
             raise BackendError(f"transformer_lens backend failed on a batch of {batch.size} "
                                f"({self.architecture}): {type(exc).__name__}: {exc}") from exc
 
+    def engine(self, where: int = 0) -> Any:
+        """The engine of this backend's runs (:data:`~tpsurgery.backends.walk.Engine`; ``where`` is unused: the mask
+        goes to the attention's keyword)."""
+        return self._engine
+
     def _engine(self, plan_schedule: Schedule, walk: Walk, kwargs: dict) -> None:
         """Run the bridge once along a schedule: :meth:`fwd_hooks`, the last one raising
         :class:`~tpsurgery.backends.walk.Stop`; mask points hand the attention its edited mask."""

@@ -181,8 +181,8 @@ class Walk:
         for a in point.actions:
             if a.kind == "edit":
                 h = apply_edits(h, a.edits, self.batch, self.captured, self.plan.n_heads)
-            elif a.kind == "read":
-                self.reads.append(pool(h, self.plan, self.batch))
+            elif a.kind == "read":  # a copy (last-token pooling is a view): later in-place writes at this point
+                self.reads.append(pool(h, self.plan, self.batch).clone())  # (hooks, a user's trace) come after it
             elif a.kind == "keep":
                 self.kept[a.index] = h.clone()
             elif a.kind == "capture":
