@@ -180,13 +180,18 @@ def dependency_table(report: dict[str, Any]) -> str:
     the means (first recipe minus second)."""
     labels = list(report["results"])
     layers = list(report["results"][labels[0]])
+    pair = len(labels) == 2
     head = "| hidden_states | " + " | ".join(f"{lab}: mean (median)" for lab in labels) + \
-        (" | mean difference |" if len(labels) == 2 else " |")
-    lines = [head, "|" + "---|" * (len(labels) + 1 + (len(labels) == 2))]
+        (" | mean difference | sentences where the first is higher |" if pair else " |")
+    lines = [head, "|" + "---|" * (len(labels) + 1 + 2 * pair)]
     for j in layers:
         s = [report["results"][lab][j]["summary"] for lab in labels]
         cells = [f"{x['mean'] * 100:.2f} ({x['median'] * 100:.2f})" for x in s]
-        diff = [f"{(s[0]['mean'] - s[1]['mean']) * 100:+.2f}"] if len(labels) == 2 else []
+        diff = []
+        if pair:  # the same sentences in the same order: paired
+            a, b = (np.asarray(report["results"][lab][j]["scores"], dtype=np.float64) for lab in labels)
+            ok = np.isfinite(a) & np.isfinite(b)
+            diff = [f"{(s[0]['mean'] - s[1]['mean']) * 100:+.2f}", f"{(a[ok] > b[ok]).mean():.0%}" if ok.any() else "n/a"]
         lines.append(f"| {j} | " + " | ".join(cells + diff) + " |")
     return "\n".join(lines) + "\n"
 

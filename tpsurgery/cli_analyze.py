@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_eval import DEVICE_OPT, MODEL_OPT, data_dirs, parse_ints, required
+from .cli_eval import DEVICE_OPT, MODEL_OPT, data_dirs, required
 from .errors import InputError
 
 analyze_app = typer.Typer(help="The paper's analyses on a recipe (PNG + JSON + markdown table).", no_args_is_help=True)
@@ -47,6 +47,18 @@ def _texts(input: Optional[Path], data_dir: Optional[list[Path]], split: str, li
     pairs = load_stsb(data_dirs(data_dir), split)
     part = spread(pairs, min(limit, len(pairs)))
     return list(part.a), f"STS-B {split}: first sentence of {len(part)} of {len(pairs)} pairs, evenly spread in file order"
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"4,8,-3"`` -> ``[4, 8, -3]`` (hidden_states indices; negative ones count from the end).
+
+    >>> parse_layers("4, 8,-3")
+    [4, 8, -3]
+    """
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise InputError(None, f"--layers: expected integers like '4,8,-3', got {text!r}") from None
 
 
 def _write(out: Path, stem: str, report: dict[str, Any], table: str, plot: Any) -> None:
@@ -95,7 +107,7 @@ def dependency(
     for label, r in labels.items():
         emb = apply(hf, r, tokenizer=tok)
         n = emb.n_layers
-        js = [j if j >= 0 else n + 1 + j for j in parse_ints(layers)] if layers else \
+        js = [j if j >= 0 else n + 1 + j for j in parse_layers(layers)] if layers else \
             sorted({n // 4, n // 2, 3 * n // 4, emb.plan.exit_layer} - {0})
         scores[label] = dependency_scores(emb, texts, js, batch_size)
         emb.close()
