@@ -216,6 +216,9 @@ def test_encode_inside_the_trace_and_a_trace_inside_a_users_trace_are_clear_erro
     with pytest.raises(TpsurgeryError, match="cannot run inside the body of an nnsight"):
         with lm.trace(input_ids=torch.tensor([[1, 2, 3]])):
             emb.trace(TEXTS)
+    with pytest.raises(TpsurgeryError, match="cannot run inside the body of an nnsight"):
+        with lm.trace(input_ids=torch.tensor([[1, 2, 3]])):
+            emb.encode(TEXTS)
 
 
 def test_misuse_is_refused_with_what_to_do(models):

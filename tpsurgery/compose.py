@@ -175,7 +175,21 @@ def trace(emb: Any, texts: str | Sequence[str], template: int | None = None) -> 
 
 class HookRun(_Parts):
     """The recipe on a TransformerLens bridge as ``fwd_hooks`` (:func:`hooks`): pass ``fwd_hooks`` (plus yours) and
-    ``inputs`` to ``bridge.run_with_hooks``; then ``embeddings`` is the recipe's read."""
+    ``inputs`` to ``bridge.run_with_hooks`` once; then ``embeddings`` is the recipe's read. The call is yours: run it
+    under ``torch.no_grad()`` with the model in eval mode (as ``encode`` does) to get ``encode``'s numbers.
+
+    >>> import tpsurgery, torch
+    >>> from tpsurgery.testing import tiny_model
+    >>> model, tok = tiny_model("llama", n_layers=2)
+    >>> tl = tpsurgery.apply(model, "prompt: '<PST> {text} means'\\ntp: {start: 0, stop: 1}\\nexit_layer: 2",
+    ...                      tokenizer=tok, backend="transformer_lens")
+    >>> run, seen = tl.hooks(["a b"]), []
+    >>> with torch.no_grad():
+    ...     _ = run.bridge.run_with_hooks(**run.inputs, return_type=None, fwd_hooks=run.fwd_hooks
+    ...                                   + [("blocks.1.attn.hook_pattern", lambda t, hook: seen.append(t.shape))])
+    >>> seen, bool((run.embeddings - tl.encode(["a b"], convert_to_tensor=True)).abs().max() < 1e-5)
+    ([torch.Size([1, 4, 11, 11])], True)
+    """
 
     def __init__(self, emb: Any, batch: Batch, fwd_hooks: list, plan_schedule: Schedule, walk: Walk):
         self._setup(emb, batch, plan_schedule, walk)
