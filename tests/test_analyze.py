@@ -157,9 +157,10 @@ def test_cli_writes_json_markdown_and_png(folder, tmp_path):
     assert "| 4 |" in (tmp_path / "out" / "dependency-tiny-tp.md").read_text()
     assert (tmp_path / "out" / "dependency-tiny-tp.png").read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(app, ["analyze", "attention", "-r", str(tmp_path / "tp.yaml"), "--with",
-                                 str(tmp_path / "cp.yaml"), *common])
+                                 str(tmp_path / "cp.yaml"), "--without-tp", *common])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "out" / "attention-tiny-tp.json").read_text())
+    assert list(report["results"]) == ["tiny-tp", "tiny-tp without tp", "tiny-tp-cp"]
     assert np.asarray(report["results"]["tiny-tp-cp"]["last"]).shape == (4, 4)
     assert (tmp_path / "out" / "attention-tiny-tp.png").read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(app, ["analyze", "dependency", "-r", str(tmp_path / "tp.yaml"), "--limit", "0", *common])

@@ -120,19 +120,23 @@ def attention(
     recipe: str = RECIPE,
     with_recipe: Optional[list[str]] = typer.Option(None, "--with", help="more recipes to show beside it (e.g. one "
                                                     "with Contrastive Prompting's edit on); repeatable"),
+    no_tp: bool = typer.Option(False, "--without-tp", help="also show the recipe without its tp section (where TP "
+                               "acts: the difference)"),
     model: str = MODEL_OPT, device: Optional[str] = DEVICE_OPT, input: Optional[Path] = INPUT,
     data_dir: Optional[list[Path]] = DATA, split: str = SPLIT, limit: int = LIMIT, output: Path = OUT,
     name: Optional[str] = STEM, batch_size: int = BATCH,
 ) -> None:
     """Attention mass on <PST> per decoder layer and head, from sentence-token queries and from the last token's:
     a heatmap per recipe (eager attention probabilities, saved inside the recipe's trace)."""
-    from .analyze import attention_mass, attention_plot, attention_report, attention_table
+    from .analyze import attention_mass, attention_plot, attention_report, attention_table, without_tp
     from .api import apply, resolve_model
     from .library import load_recipe
 
     texts, source = _texts(input, data_dir, split, limit)
     hf, tok, _ = resolve_model(model, device=device)
     recipes = [load_recipe(r) for r in [recipe, *(with_recipe or [])]]
+    if no_tp:
+        recipes.insert(1, without_tp(recipes[0]))
     labels = {(r.name or f"recipe {k}"): r for k, r in enumerate(recipes)}
     if len(labels) < len(recipes):
         raise InputError(None, "two recipes have the same name; give each its own name")
