@@ -130,8 +130,7 @@ def attention_mass(emb: Any, texts: Sequence[str], batch_size: int = 16, templat
     """``{"sentence": [n_layers, heads], "last": [n_layers, heads]}``: the attention probability put on the
     placeholder key(s) (summed over placeholders) by sentence-token queries (mean over them and the texts) and by the
     last token's query (mean over texts), per decoder layer and head, under ``emb``'s recipe (eager attention)."""
-    if not emb.plan.n_layers or not any(emb.tokenize(["x"], t, warn=False)[0].placeholders
-                                        for t in emb.recipe.templates):
+    if not any(emb.tokenize(["x"], t, warn=False)[0].placeholders for t in emb.recipe.templates):
         raise RecipeError("prompt", "the attention analysis needs a prompt with a <PST> placeholder")
     path = attention_module_path(emb)
     n = emb.n_layers
