@@ -27,8 +27,10 @@ app.add_typer(recipes_app, name="recipes")
 from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
                        regress, required, sweep)  # (evaluation commands)
 from .cli_stats import compare  # noqa: E402
+from .cli_analyze import analyze_app  # noqa: E402  (the paper's analyses)
 
 app.add_typer(eval_app, name="eval")
+app.add_typer(analyze_app, name="analyze")
 app.command()(sweep)
 app.command()(regress)
 app.command()(compare)  # (tpsurgery.cli_stats: paired-bootstrap differences)

@@ -23,7 +23,7 @@ from .arch import ArchSpec, arch_for, attn_out_module, get_path
 from .backends import Backend
 from .backends.pooling import combine
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
-from . import foreign
+from . import compose, foreign
 from .placement import input_device
 from .plan import Plan, collate, compile_plan
 from .batching import default_budget, Progress, check_budget, token_batches
@@ -425,6 +425,18 @@ class Embedder:
         if prefix is not None:
             self.stats.prefix_tokens_saved += n * len(rows)
         return prefix
+
+    # -- your own trace (tpsurgery.compose) ----------------------------------------------------------------------
+    def trace(self, texts: str | Sequence[str], template: int | None = None) -> Any:
+        """``with emb.trace(texts) as run:`` an nnsight trace of the model on ``texts`` in the recipe's prompt with
+        the recipe's edits in it: save or edit envoy values (``run.layers[i].output``, ``run.hidden_state(j)``)
+        beside them; after the block ``run.embeddings`` equals ``encode(texts)``. See :mod:`tpsurgery.compose`."""
+        return compose.trace(self, texts, template)
+
+    def hooks(self, texts: str | Sequence[str], template: int | None = None) -> compose.HookRun:
+        """TransformerLens backend: the recipe on ``texts`` as ``run.fwd_hooks`` for ``bridge.run_with_hooks(
+        **run.inputs, fwd_hooks=...)``; then ``run.embeddings``. See :mod:`tpsurgery.compose`."""
+        return compose.hooks(self, texts, template)
 
     # -- explain ------------------------------------------------------------------------------------------------
     def close(self) -> None:

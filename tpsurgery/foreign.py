@@ -171,8 +171,9 @@ def check_not_in_trace(what: str = "encode") -> None:
         raise TpsurgeryError(
             f"{what} cannot run inside the body of an nnsight `with model.trace(...)` block: a trace cannot be nested "
             "in another trace's body (nnsight fails with 'cyclic parent chain'). Call it before or after the block; "
-            "inside `with model.session():` it works. To save activations under the recipe, run your own trace on "
-            "the recipe's inputs after the embedding, or register PyTorch hooks (tpsurgery honours them)")
+            "inside `with model.session():` it works. To save or edit activations under the recipe, open the trace "
+            "with the recipe in it instead: `with emb.trace(texts) as run:` (its body is yours; run.embeddings after "
+            "the block; docs/backends.md, 'Inside your own trace')")
 
 
 def check_copy(model: Any, envoy: Any = None) -> None:

@@ -15,7 +15,7 @@ that carries foreign PyTorch hooks or nnsight edits (:mod:`tpsurgery.foreign`), 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,11 +107,7 @@ class NNsightBackend:
             kwargs = prefix.model_inputs(batch, device)
         masks = layer_masks(self.model, plan, on_device)  # {layer: its edited mask}; {} without mask edits
         where = mask_position(get_path(self.model, self.spec.layers)[0]) if masks else 0
-        # foreign hooks / nnsight edits: the trace path, which honours both in one order (tpsurgery.foreign)
-        if self.fast_path and not start and not carried(self.model, self._envoy).any:
-            engine = hook_engine(self.model, self.spec, where)
-        else:
-            engine = self._trace_engine(where, hidden.to(device) if start else None)
+        engine = self.engine(where, start, hidden.to(device) if start else None)
         try:
             with torch.no_grad():
                 return run_plan(engine, plan, on_device, kwargs, all_layers, start, keep, masks,
@@ -121,40 +117,20 @@ class NNsightBackend:
         except Exception as exc:  # nnsight re-raises model errors from its worker; add context
             raise BackendError(f"nnsight backend failed on a batch of {batch.size}: {type(exc).__name__}: {exc}") from exc
 
-    def _trace_engine(self, where: int, hidden: torch.Tensor | None) -> Engine:
-        """The engine that runs a schedule as one nnsight trace: each point's site is an envoy value (this engine's
-        site-to-hook table), read, handed to :meth:`Walk.at` and set again where edited; ``tracer.stop()`` after the
-        last point. ``hidden``: what skipped layers return (a resumed run)."""
-        envoy, spec = self.envoy, self.spec
-        layers = get_path(envoy, spec.layers)
-        skipped = (hidden,) if spec.tuple_output else hidden
+    def engine(self, where: int = 0, start: int = 0, hidden: torch.Tensor | None = None) -> Engine:
+        """The engine a run takes: the hook fast path, or one nnsight trace when the fast path is off, the run is
+        resumed at ``start`` (``hidden``: what skipped layers return) or the model carries foreign hooks / nnsight
+        edits (the trace honours both in one order, :mod:`tpsurgery.foreign`). ``where``: the positional index of a
+        decoder layer's ``attention_mask`` argument."""
+        if self.fast_path and not start and not carried(self.model, self._envoy).any:
+            return hook_engine(self.model, self.spec, where)
+        return self._trace_engine(where, hidden)
 
-        def visit(point: Point, walk: Walk) -> None:
-            i, site = point.layer, point.site
-            if site == "layer":
-                layers[i].skip(skipped)
-            elif site == "attn_mask":
-                layers[i].inputs = replace_mask(layers[i].inputs, walk.masks[i], where)
-            elif site == "layer_out":
-                out = layers[i].output
-                h = out[0] if spec.tuple_output else out
-                new = walk.at(point, h)
-                if new is not h:
-                    layers[i].output = (new, *out[1:]) if spec.tuple_output else new
-            else:
-                module = (get_path(envoy, embed_site(spec)[0]) if site == "embed" else get_path(envoy, spec.norm)
-                          if site == "norm" else layers[i] if site == "layer_in"
-                          else attn_out_module(spec, layers[i], i, point.field))
-                if site == "norm" or site == "embed" and embed_site(spec)[1] == "output":
-                    h = module.output
-                    new = walk.at(point, h)
-                    if new is not h:
-                        module.output = new
-                else:
-                    h = module.input
-                    new = walk.at(point, h)
-                    if new is not h:
-                        module.input = new
+    def _trace_engine(self, where: int, hidden: torch.Tensor | None) -> Engine:
+        """The engine that runs a schedule as one nnsight trace: each point visited in the trace body
+        (:func:`trace_visitor`), then ``tracer.stop()`` after the last point."""
+        envoy = self.envoy
+        visit = trace_visitor(envoy, self.spec, where, hidden)
 
         def run(plan_schedule: Schedule, walk: Walk, kwargs: dict) -> None:
             with envoy.trace(**kwargs) as tracer:
@@ -163,3 +139,43 @@ class NNsightBackend:
                 tracer.stop()
 
         return run
+
+
+def trace_visitor(envoy: Any, spec: ArchSpec, where: int = 0, hidden: torch.Tensor | None = None
+                  ) -> Callable[[Point, Walk], None]:
+    """``visit(point, walk)`` for the body of an nnsight trace of ``envoy`` (this engine's site-to-hook table): each
+    point's site is an envoy value (embedding output, a layer's inputs and attention mask, its o_proj input, its
+    output, the final norm's output), read, handed to :meth:`Walk.at` and set again where edited. ``hidden``: what
+    skipped layers return (a resumed run). Used by the backend's trace and by :mod:`tpsurgery.compose` (the recipe's
+    interventions inside a user's own trace)."""
+    layers = get_path(envoy, spec.layers)
+    skipped = (hidden,) if spec.tuple_output else hidden
+
+    def visit(point: Point, walk: Walk) -> None:
+        i, site = point.layer, point.site
+        if site == "layer":
+            layers[i].skip(skipped)
+        elif site == "attn_mask":
+            layers[i].inputs = replace_mask(layers[i].inputs, walk.masks[i], where)
+        elif site == "layer_out":
+            out = layers[i].output
+            h = out[0] if spec.tuple_output else out
+            new = walk.at(point, h)
+            if new is not h:
+                layers[i].output = (new, *out[1:]) if spec.tuple_output else new
+        else:
+            module = (get_path(envoy, embed_site(spec)[0]) if site == "embed" else get_path(envoy, spec.norm)
+                      if site == "norm" else layers[i] if site == "layer_in"
+                      else attn_out_module(spec, layers[i], i, point.field))
+            if site == "norm" or site == "embed" and embed_site(spec)[1] == "output":
+                h = module.output
+                new = walk.at(point, h)
+                if new is not h:
+                    module.output = new
+            else:
+                h = module.input
+                new = walk.at(point, h)
+                if new is not h:
+                    module.input = new
+
+    return visit

@@ -137,9 +137,28 @@ class TransformerLensBackend:
             raise BackendError(f"transformer_lens backend failed on a batch of {batch.size} "
                                f"({self.architecture}): {type(exc).__name__}: {exc}") from exc
 
+    def engine(self, where: int = 0) -> Any:
+        """The engine of this backend's runs (:data:`~tpsurgery.backends.walk.Engine`; ``where`` is unused: the mask
+        goes to the attention's keyword)."""
+        return self._engine
+
     def _engine(self, plan_schedule: Schedule, walk: Walk, kwargs: dict) -> None:
-        """Run the bridge once along a schedule: one ``(hook point, function)`` per point (:data:`SITE_HOOKS`), the
-        last one raising :class:`~tpsurgery.backends.walk.Stop`; mask points hand the attention its edited mask."""
+        """Run the bridge once along a schedule: :meth:`fwd_hooks`, the last one raising
+        :class:`~tpsurgery.backends.walk.Stop`; mask points hand the attention its edited mask."""
+        points = plan_schedule.points
+        kw = dict(kwargs)
+        try:
+            with self._mask_edits([p for p in points if p.site == "attn_mask"], walk.masks):
+                self.bridge.run_with_hooks(kw.pop("input_ids"), fwd_hooks=self.fwd_hooks(plan_schedule, walk),
+                                           return_type=None, **kw)
+        except Stop:
+            pass
+
+    def fwd_hooks(self, plan_schedule: Schedule, walk: Walk, stop: bool = True) -> list[tuple[str, Any]]:
+        """``[(hook point, function)]`` for ``run_with_hooks``: one per point of the schedule (:data:`SITE_HOOKS`;
+        ``attn_mask`` points are not hook points and are left out), each handing its tensor to :meth:`Walk.at`;
+        with ``stop`` the last one raises :class:`~tpsurgery.backends.walk.Stop` (used by
+        :mod:`tpsurgery.compose` without it: the user's run goes on)."""
         points = plan_schedule.points
         hooks = []
         for k, point in enumerate(points):
@@ -147,7 +166,7 @@ class TransformerLensBackend:
                 continue
             if point.site not in SITE_HOOKS:
                 raise BackendError(f"the transformer_lens backend cannot run schedule point {point}", point.layer)
-            fn = walk.hook(point, k == len(points) - 1)
+            fn = walk.hook(point, stop and k == len(points) - 1)
 
             def hook(t, hook, fn=fn):
                 flat = flatten_heads(t)
@@ -155,12 +174,7 @@ class TransformerLensBackend:
                 return None if new is flat else unflatten_heads(new, t.shape)
 
             hooks.append((self._hook_point(point.site, point.layer), hook))
-        kw = dict(kwargs)
-        try:
-            with self._mask_edits([p for p in points if p.site == "attn_mask"], walk.masks):
-                self.bridge.run_with_hooks(kw.pop("input_ids"), fwd_hooks=hooks, return_type=None, **kw)
-        except Stop:
-            pass
+        return hooks
 
     def _hook_point(self, site: str, i: int) -> str:
         """The hook point of an edit site (:data:`SITE_HOOKS`); ``embed`` is ``blocks.0.hook_resid_pre`` in a family

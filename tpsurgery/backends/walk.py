@@ -181,8 +181,8 @@ class Walk:
         for a in point.actions:
             if a.kind == "edit":
                 h = apply_edits(h, a.edits, self.batch, self.captured, self.plan.n_heads)
-            elif a.kind == "read":
-                self.reads.append(pool(h, self.plan, self.batch))
+            elif a.kind == "read":  # a copy (last-token pooling is a view): later in-place writes at this point
+                self.reads.append(pool(h, self.plan, self.batch).clone())  # (hooks, a user's trace) come after it
             elif a.kind == "keep":
                 self.kept[a.index] = h.clone()
             elif a.kind == "capture":
@@ -221,17 +221,24 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
                 use_cache=False)
 
 
-def run_plan(engine: Engine, plan: Plan, batch: Batch, kwargs: dict, all_layers: bool = False, start: int = 0,
-             keep: tuple[int, ...] = (), masks: dict | None = None, where: str = "this model"
-             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run ``plan`` on ``batch`` with ``engine``: each auxiliary run first (captures), then the plan's own schedule.
-    Returns the pooled reads (:meth:`Walk.result`) and ``{j: hidden_states[j]}`` for ``keep``."""
+def run_captures(engine: Engine, plan: Plan, batch: Batch) -> dict:
+    """Each auxiliary run of ``plan`` on ``batch``'s sentences (:meth:`Batch.other`), along its capture schedule with
+    ``engine``: the rows the plan's ``add`` / ``subtract`` edits take from them (``{}`` without auxiliary runs)."""
     captured: dict = {}
     for run, _ in plan.runs:
         aux = batch.other(run)
         state = Walk(plan, aux)
         engine(capture_schedule(plan, run), state, model_inputs(aux))
         captured.update(state.captured)
+    return captured
+
+
+def run_plan(engine: Engine, plan: Plan, batch: Batch, kwargs: dict, all_layers: bool = False, start: int = 0,
+             keep: tuple[int, ...] = (), masks: dict | None = None, where: str = "this model"
+             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run ``plan`` on ``batch`` with ``engine``: each auxiliary run first (captures), then the plan's own schedule.
+    Returns the pooled reads (:meth:`Walk.result`) and ``{j: hidden_states[j]}`` for ``keep``."""
+    captured = run_captures(engine, plan, batch)
     walk_schedule = schedule(plan, all_layers, start, tuple(keep))
     state = Walk(plan, batch, captured, masks or {})
     engine(walk_schedule, state, kwargs)
