@@ -27,11 +27,13 @@ app.add_typer(recipes_app, name="recipes")
 from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app, open_cache, quiet,  # noqa: E402
                        regress, required, sweep)  # (evaluation commands)
 from .cli_stats import compare  # noqa: E402
+from .cli_tune import tune  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.command()(sweep)
 app.command()(regress)
 app.command()(compare)  # (tpsurgery.cli_stats: paired-bootstrap differences)
+app.command()(tune)  # (tpsurgery.cli_tune: selection scored on held-out pairs)
 
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped recipe name")
 
