@@ -19,7 +19,7 @@ import tpsurgery
 from tpsurgery.cli import main
 from tpsurgery.data import load_stsb
 from tpsurgery.errors import InputError, RecipeError
-from tpsurgery.evaluation import evaluate_sts
+from tpsurgery.evaluation import evaluate_sts, sts_cosines
 from tpsurgery.library import load_recipe
 from tpsurgery.stats import spearman
 from tpsurgery.sweep import run_sweep
@@ -152,6 +152,8 @@ def test_written_recipe_recreates_the_chosen_cells_scores(tiny, tmp_path):
     assert written.hash() == res.grid.cells[res.chosen]["recipe"].hash()
     text = paths["recipe"].read_text()
     assert text.startswith("# grid: ") and f"data {res.meta['data']}" in text and "held-out" in written.description
+    emb = tpsurgery.apply(model, written, tokenizer=tok)
+    np.testing.assert_allclose(sts_cosines(emb, [pairs])[pairs.name], res.grid.cos[:, res.chosen], atol=1e-5)
     fold = split_folds(len(pairs), 2, 0)
     for part, want in ((fold == 0, res.held_out["chosen"]), (fold != 0, res.selection["chosen"])):
         sub = _subset(pairs, part)
