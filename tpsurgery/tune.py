@@ -254,7 +254,8 @@ class TuneResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         head = "".join(f"# {line}\n" for line in self.report().splitlines())
-        head += f"# grid: {json.dumps(self.meta['grid'])}\n# baseline: {self.grid.against.hash()}\n"
+        head += (f"# grid options: {json.dumps(self.meta['grid'])}\n"
+                 f"# baseline recipe hash: {self.grid.against.hash()}\n")
         return {"recipe": atomic_write(out / "tuned.yaml", (head + dump_recipe(self.recipe())).encode()),
                 "json": atomic_write(out / "tune.json", (json.dumps(self.to_dict(), indent=1) + "\n").encode())}
 
