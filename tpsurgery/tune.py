@@ -147,7 +147,7 @@ def grid_cosines(model: Any, recipe: Any, pairs: Any, *, vary: dict | None = Non
                 cols.append(cos[:, row_slots[m]])
         if base_at is not None:
             base_cos = cos[:, slots[base_at][plans[base_at].exit_layer]]
-    work = {"backend": backend or "nnsight", "layer_forwards_per_batch": shared,
+    work = {"backend": embedder.backend.name, "layer_forwards_per_batch": shared,
             "layer_forwards_per_batch_unshared": unshared, "passes": len(groups)}
     return Grid(tuple(cells), np.stack(cols, axis=1), base_cos, base, n_layers, work)
 
@@ -200,8 +200,9 @@ class TuneResult:
         """The chosen cell's recipe, named and described with its provenance."""
         r = self.grid.cells[self.chosen]["recipe"]
         h = self.held_out
+        how = f"mean held-out score of {self.meta['folds']}-fold selection" if self.meta["cv"] else "held-out"
         desc = (f"{r.description} Tuned by tpsurgery tune on {self.meta['task']} ({self.meta['model']}): "
-                f"{self.grid.label(self.chosen)}; held-out {h['chosen']:.2f} vs baseline {h['baseline']:.2f}, "
+                f"{self.grid.label(self.chosen)}; {how} {h['chosen']:.2f} vs baseline {h['baseline']:.2f}, "
                 f"gain {h['diff']:+.2f} [{h['diff_interval'][0]:+.2f}, {h['diff_interval'][1]:+.2f}]").strip()
         return r.replace(name=(r.name or "recipe") + "-tuned", description=desc)
 
