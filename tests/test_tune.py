@@ -187,6 +187,9 @@ def test_a_tiny_random_model_gets_the_noise_warning(tiny):
     with pytest.warns(SelectionNoiseWarning, match="inside the noise|worse than|baseline's embeddings"):
         res = tune(model, PROMPT, pairs, stops=[2, 3], tokenizer=tok, resamples=100, cv=True, folds=3)
     assert res.warning and res.meta["cv"] and len(res.held_out["folds"]) == 3
+    assert "mean of 3 held-out folds" in res.report() and "folds chose: " in res.report()
+    assert "mean held-out score of 3-fold selection" in res.recipe().description
+    assert res.report().splitlines()[-1] == f"warning: {res.warning}"
 
 
 @needs_samples
