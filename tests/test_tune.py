@@ -214,6 +214,17 @@ def test_variants_share_one_pass_and_the_baseline_can_be_no_tp(tiny):
     assert spearman(g.base, pairs.gold) == pytest.approx(base, abs=1e-3)
 
 
+@needs_samples
+def test_a_baseline_with_other_templates_runs_in_a_pass_of_its_own(tiny):
+    model, tok = tiny
+    pairs = load_stsb([SAMPLES], "test")
+    other = "prompt: 'In one word: \"{text}\"'\nexit_layer: 3\n"
+    g = grid_cosines(model, PROMPT, pairs, stops=[2], exits=[4], against=other, tokenizer=tok)
+    assert g.work["passes"] == 2 and len(g.cells) == 2
+    want = sts_cosines(tpsurgery.apply(model, other, tokenizer=tok), [pairs])[pairs.name]
+    np.testing.assert_allclose(g.base, want, atol=1e-5)
+
+
 def _subset(pairs, mask):
     i = np.flatnonzero(mask)
     return dataclasses.replace(pairs, a=tuple(pairs.a[j] for j in i), b=tuple(pairs.b[j] for j in i),
