@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 
 import tpsurgery
 from tpsurgery.cli import main
-from tpsurgery.data import load_stsb
+from tpsurgery.data import file_hash, load_stsb
 from tpsurgery.errors import InputError, RecipeError
 from tpsurgery.evaluation import evaluate_sts, sts_cosines
 from tpsurgery.library import load_recipe
 from tpsurgery.stats import spearman
 from tpsurgery.sweep import run_sweep
+from tpsurgery.sweep_store import pairs_digest
 from tpsurgery.testing import tiny_model
 from tpsurgery.tune import (Grid, SelectionNoiseWarning, grid_cosines, noise_warning, score_split, split_folds,
                             tune)
@@ -164,6 +165,9 @@ def test_written_recipe_recreates_the_chosen_cells_scores(tiny, tmp_path):
     assert base == pytest.approx(res.held_out["baseline"], abs=1e-3)
     stored = json.loads(paths["json"].read_text())
     assert stored["chosen"]["label"] == res.grid.label(res.chosen) and len(stored["cells"]) == 15
+    assert stored["data"] == pairs_digest(pairs) and stored["seed"] == 0 and stored["folds"] == 2
+    assert list(stored["files"].values()) == [file_hash(f) for f in pairs.files]
+    assert stored["held_out"] == res.held_out and stored["grid"]["exits"] == [2, 3, 4]
 
 
 @needs_samples

@@ -40,6 +40,7 @@ import numpy as np
 from .api import apply, as_recipe
 from .backends import ResumableBackend
 from .cache import model_fingerprint
+from .data import file_hash
 from .errors import InputError, RecipeError
 from .evaluation import spearman100
 from .recipe import PLACEHOLDER_MARKER, Placeholder, Recipe, dump_recipe
@@ -333,7 +334,8 @@ def tune(model: Any, recipe: Any, pairs: Any, *, folds: int = 2, cv: bool = Fals
     keys = ("vary", "stops", "starts", "alphas", "exits", "baseline_rows", "against")
     meta = {"model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
             "fingerprint": model_fingerprint(model), "task": pairs.name, "n_pairs": len(pairs),
-            "data": pairs_digest(pairs), "files": [str(f) for f in pairs.files], "seed": seed, "folds": folds,
+            "data": pairs_digest(pairs), "files": {str(f): file_hash(Path(f)) for f in pairs.files},
+            "origin": pairs.origin, "seed": seed, "folds": folds,
             "cv": cv, "resamples": resamples, "grid": {k: _plain(grid_kw[k]) for k in keys if k in grid_kw},
             "seconds": 0.0}
     same = bool(np.array_equal(g.cos[:, chosen], g.base))
