@@ -285,6 +285,12 @@ def test_cli_errors_are_one_line(saved, monkeypatch, capsys, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
+@needs_samples
+def test_an_empty_exit_list_is_refused(tiny):
+    with pytest.raises(InputError, match="no exit layer to choose from"):
+        grid_cosines(tiny[0], PROMPT, load_stsb([SAMPLES], "test"), exits=[], tokenizer=tiny[1])
+
+
 def test_a_baseline_with_exit_auto_is_refused():
     with pytest.raises(RecipeError, match="numbered exit layer"):
         from tpsurgery.tune import against_recipe

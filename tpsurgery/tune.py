@@ -123,6 +123,8 @@ def grid_cosines(model: Any, recipe: Any, pairs: Any, *, vary: dict | None = Non
         bad = [m for m in wanted if not 0 <= m <= n_layers]
         if bad:
             raise InputError(None, f"exit layers {bad} are outside hidden_states[0..{n_layers}] of this model")
+        if not wanted:
+            raise InputError(None, f"no exit layer to choose from; give some in hidden_states[0..{n_layers}]")
         plans, owners = [], []
         for label, variant in members:
             rows, row_plan = row_plans(embedder, variant, grid(variant, n_layers, stops, starts, alphas,
