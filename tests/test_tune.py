@@ -120,6 +120,16 @@ def test_cross_validation_scores_each_fold_with_the_cell_chosen_without_it():
     assert held["agree"] == sum(f["chosen"] == f"row {chosen}, exit hidden_states[1]" for f in held["folds"])
 
 
+def test_cells_the_selection_pairs_cannot_tell_from_the_chosen_one_are_counted():
+    rng = np.random.default_rng(2)
+    gold = rng.uniform(0, 5, 300)
+    good = gold + rng.normal(0, 1.0, 300)
+    cos = np.stack([rng.normal(size=300), good, good + rng.normal(0, 1e-3, 300), -gold], axis=1)
+    chosen, sel, _, _, _ = score_split(fake_grid(cos, gold), gold, "t", 2, resamples=200)
+    twin = {1: 2, 2: 1}[chosen]
+    assert sel["tied_cells"] == [f"row {twin}, exit hidden_states[1]"] and sel["tied_checked"] == 3
+
+
 # -- noise ---------------------------------------------------------------------------------------------------------
 def test_a_real_gain_is_not_called_noise_and_a_noise_gain_is():
     rng = np.random.default_rng(0)

@@ -51,6 +51,9 @@ from .sweep_store import pairs_digest
 from .variants import variants
 
 
+TIE_TOP = 50  # the chosen cell is compared with at most this many - 1 next-best cells for ties
+
+
 class SelectionNoiseWarning(UserWarning):
     """The chosen cell's held-out gain over the baseline is inside the noise (its 95% interval contains 0), or
     below it."""
@@ -232,7 +235,9 @@ class TuneResult:
                  f"layer forwards per batch: {self.grid.work['layer_forwards_per_batch']} of "
                  f"{self.grid.work['layer_forwards_per_batch_unshared']} unshared",
                  f"chosen{' on all pairs' if m['cv'] else ' on the selection pairs'}: {self.grid.label(self.chosen)}"
-                 f" -> {s['chosen']:.2f} (baseline {s['baseline']:.2f}, gain {s['chosen'] - s['baseline']:+.2f})"]
+                 f" -> {s['chosen']:.2f} (baseline {s['baseline']:.2f}, gain {s['chosen'] - s['baseline']:+.2f})",
+                 f"tied with it there: {len(s['tied_cells'])} of the {s['tied_checked']} next-best cells (paired 95% "
+                 "interval of the difference reaches 0)" + (f", e.g. {s['tied_cells'][0]}" if s["tied_cells"] else "")]
         where = f"mean of {m['folds']} held-out folds" if m["cv"] else f"held-out, {self.n_held_out} pairs"
         lines += [f"{where}: chosen {h['chosen']:.2f} {iv(h['chosen_interval'])}; baseline {h['baseline']:.2f} "
                   f"{iv(h['baseline_interval'])}",
@@ -299,9 +304,21 @@ def score_split(g: Grid, gold: np.ndarray, task: str, folds: int = 2, cv: bool =
                         folds=[{"chosen": g.label(c), "held_out": round(h[0], 4), "baseline": round(h[1], 4)}
                                for c, h in zip(chosen_s, held)])
     selection = {"chosen": float(scores[chosen]), "baseline": spearman(g.base[sel_idx], gold[sel_idx]),
-                 "scores": scores}
+                 "scores": scores, **ties(g, gold, sel_idx, chosen, scores, f"{task} selection", resamples)}
     n_ho = int(np.mean([np.sum(fold == f) for f in rounds]))
     return chosen, selection, held_out, len(gold) - n_ho, n_ho
+
+
+def ties(g: Grid, gold: np.ndarray, idx: np.ndarray, chosen: int, scores: np.ndarray, task: str,
+         resamples: int = RESAMPLES, top: int = TIE_TOP) -> dict:
+    """How sure the choice is: of the ``top - 1`` next-best cells on the pairs ``idx``, those whose paired-bootstrap
+    95% interval of (chosen - cell) reaches 0 there (``tied_cells``, best first; ``tied_checked``: how many were
+    compared)."""
+    order = [int(c) for c in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+             if c != chosen and not np.isnan(scores[c])][:top - 1]
+    rc = bootstrap(g.cos[idx, chosen], gold[idx], task, resamples)
+    tied = [c for c in order if interval(rc - bootstrap(g.cos[idx, c], gold[idx], task, resamples))[0] <= 0]
+    return {"tied_checked": len(order), "tied_cells": [g.label(c) for c in tied]}
 
 
 def noise_warning(held_out: dict, same: bool) -> str | None:
