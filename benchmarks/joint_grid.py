@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,33 @@ def prefix_bound(plans: list) -> int:
     return total
 
 
+def plan_costs(model, tok, pairs, repeats: int = 3) -> dict:
+    """Seconds (best of ``repeats``) of one plan run from layer 0, and of a second plan resumed at layer 2 from the
+    first's kept state (TP [1, 2) then TP [1, 3)), for the prompt alone and with CP (its auxiliary-run capture)."""
+    from tpsurgery.sharing import encode_schedules, layer_runs
+
+    texts = list(dict.fromkeys([*pairs.a, *pairs.b]))
+    out = {}
+    for name, text in (("tp", RECIPE.split("runs:")[0]), ("tp_cp", RECIPE)):
+        r = tpsurgery.parse_recipe(text)
+        emb = tpsurgery.apply(model, r.replace(tp={}, exit_layer=-1), tokenizer=tok)
+        pa, pb = (emb.plan_for(r.replace(tp={"start": 1, "stop": k}, exit_layer=-1)) for k in (2, 3))
+
+        def best(plans, share):
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                encode_schedules(emb, texts, plans, share_layers=share, show_progress_bar=False)
+                runs.append(time.perf_counter() - t0)
+            return min(runs)
+
+        one, shared, alone = best([pa], False), best([pa, pb], True), best([pa, pb], False)
+        out[name] = {"texts": len(texts), "from_layer_0": round(one, 3), "layers": pa.layers_run,
+                     "resumed": round(shared - one, 3), "resumed_layers": layer_runs([pa, pb]) - pa.layers_run,
+                     "second_from_layer_0": round(alone - one, 3)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M instead of the tiny random model")
@@ -79,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--factors", default="0.5,2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="timed rounds (interleaved); ratios are per-round medians")
+    ap.add_argument("--costs", action="store_true", help="also time one plan from layer 0, a plan resumed at layer "
+                    "2, with and without CP's auxiliary run (where the time of a shared grid goes)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,17 +132,24 @@ def main(argv=None) -> int:
     plans.append(emb.plan_for(recipe))  # grid_cosines' baseline: the recipe itself
     bound = prefix_bound(plans)
 
-    seconds, forwards = {}, {}
-    t0 = time.perf_counter()
-    joint = grid_cosines(model, recipe, pairs, vary=vary, share_layers=True, **kw)
-    seconds["joint"], forwards["joint"] = time.perf_counter() - t0, joint.work["layer_forwards_per_batch"]
-    t0 = time.perf_counter()
-    per = [run_sweep(model, v, pairs, **kw) for _, v in variants(recipe, vary)]
-    seconds["per_variant"] = time.perf_counter() - t0
-    forwards["per_variant"] = sum(r.extra["layer_forwards_per_batch"] for r in per)
-    t0 = time.perf_counter()
-    alone = grid_cosines(model, recipe, pairs, vary=vary, share_layers=False, **kw)
-    seconds["unshared"], forwards["unshared"] = time.perf_counter() - t0, alone.work["layer_forwards_per_batch"]
+    modes = {"joint": lambda: grid_cosines(model, recipe, pairs, vary=vary, share_layers=True, **kw),
+             "per_variant": lambda: [run_sweep(model, v, pairs, **kw) for _, v in variants(recipe, vary)],
+             "unshared": lambda: grid_cosines(model, recipe, pairs, vary=vary, share_layers=False, **kw)}
+    emb.encode(list(pairs.a[:2]))  # warm-up: the first run of a process pays for lazy imports and allocations
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    found: dict[str, object] = {}
+    for r in range(args.rounds):  # interleaved: round 2 runs the modes in reverse order
+        for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+            t0 = time.perf_counter()
+            found[mode] = modes[mode]()
+            times[mode].append(time.perf_counter() - t0)
+            print(f"round {r + 1}: {mode} {times[mode][-1]:.1f} s", file=sys.stderr, flush=True)
+    joint, per, alone = found["joint"], found["per_variant"], found["unshared"]
+    forwards = {"joint": joint.work["layer_forwards_per_batch"],
+                "per_variant": sum(x.extra["layer_forwards_per_batch"] for x in per),
+                "unshared": alone.work["layer_forwards_per_batch"]}
+    ratio = {m: round(statistics.median(a / b for a, b in zip(times[m], times["unshared"])), 4)
+             for m in ("joint", "per_variant")}
     base_forwards = plans[-1].layers_run  # per_variant runs no baseline plan: compare it with the grid's rows only
     out = {"model": "smollm2-135m" if args.smollm2 else f"tiny llama ({args.layers} layers, hidden 32)", "pairs": n,
            "stops": stops, "cp_layers": vary["edits.layers"], "factors": vary["edits.factor"],
@@ -123,9 +161,10 @@ def main(argv=None) -> int:
            "forward_ratio_per_variant_over_unshared_rows": round(
                forwards["per_variant"] / (forwards["unshared"] - base_forwards), 4),
            "forward_ratio_bound_over_unshared": round(bound / forwards["unshared"], 4),
-           "seconds": {k: round(v, 2) for k, v in seconds.items()},
-           "time_ratio_joint_over_unshared": round(seconds["joint"] / seconds["unshared"], 4),
-           "time_ratio_per_variant_over_unshared": round(seconds["per_variant"] / seconds["unshared"], 4),
+           "rounds": args.rounds, "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()},
+           "time_ratio_joint_over_unshared": ratio["joint"],
+           "time_ratio_per_variant_over_unshared": ratio["per_variant"],
+           **({"per_plan_costs": plan_costs(model, tok, pairs)} if args.costs else {}),
            "max_cosine_difference_joint_vs_unshared": float(np.max(np.abs(joint.cos - alone.cos)))}
     print(json.dumps(out, indent=1))
     if args.out:
