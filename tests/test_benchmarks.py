@@ -4,6 +4,7 @@ as after the edits refactor, fails here instead of on the next GPU loan)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -49,3 +50,15 @@ def test_shape_benchmark_runs_on_the_tiny_shape(tmp_path, capsys):
     assert shapes.main(["--shapes", "tiny", "--batch-sizes", "4", "--n", "8", "--n1", "2", "--rounds", "1",
                         "--out", str(out)]) == 0
     assert "peol / bare" in capsys.readouterr().out and out.is_file()
+
+
+def test_joint_grid_benchmark_reaches_the_distinct_prefix_bound(tmp_path, capsys):
+    import joint_grid
+
+    out = tmp_path / "joint.json"
+    assert joint_grid.main(["--layers", "6", "--stops", "2-3", "--cp-layers", "1,3", "--factors", "0.5,2", "--pairs",
+                            "4", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    forwards = got["layer_forwards_per_batch"]
+    assert forwards["joint"] == got["distinct_prefix_bound"] < forwards["per_variant"] < forwards["unshared"]
+    assert got["max_cosine_difference_joint_vs_unshared"] < 1e-5 and got["cells"] == 4 * 3 * 6  # variants x rows x exits 1..6

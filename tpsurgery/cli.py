@@ -28,12 +28,14 @@ from .cli_eval import (BACKEND_OPT, DEVICE_OPT, MODEL_OPT, RESUME_OPT, eval_app,
                        regress, required, sweep)  # (evaluation commands)
 from .cli_stats import compare  # noqa: E402
 from .cli_analyze import analyze_app  # noqa: E402  (the paper's analyses)
+from .cli_tune import tune  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.add_typer(analyze_app, name="analyze")
 app.command()(sweep)
 app.command()(regress)
 app.command()(compare)  # (tpsurgery.cli_stats: paired-bootstrap differences)
+app.command()(tune)  # (tpsurgery.cli_tune: selection scored on held-out pairs)
 
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", callback=required, help="recipe YAML file or shipped recipe name")
 

@@ -202,10 +202,27 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     recipe = as_recipe(recipe)
     t0 = time.perf_counter()
     embedder = apply(model, recipe.replace(tp={}, exit_layer=-1), tokenizer=tokenizer, backend=backend)
-    hidden = embedder.model.get_input_embeddings().weight.shape[1]
-    rows, plans = [], []
     rows_tp = own_rows(recipe, baseline) if own_schedule else grid(recipe, embedder.n_layers, stops, starts, alphas,
                                                                      baseline)
+    rows, plans = row_plans(embedder, recipe, rows_tp)
+    resume = share_layers and isinstance(embedder.backend, ResumableBackend)
+    cos, slots = pair_cosines(embedder, plans, pairs, batch_size=batch_size, memory_gb=memory_gb,
+                              share_layers=resume, progress=progress)
+    for row, row_slots in zip(rows, slots):
+        scores = spearman100(cos[:, list(row_slots)], pairs.gold)
+        row["scores"] = [None if np.isnan(x) else float(x) for x in scores]  # unrounded: best.yaml recreates it
+    name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
+    work = {"backend": embedder.backend.name, "layer_forwards_per_batch": layer_runs(plans, resume),
+            "layer_forwards_per_batch_unshared": layer_runs(plans, resume=False)}
+    return SweepResult(name, model_fingerprint(embedder.model), recipe, pairs.name, len(pairs), embedder.n_layers,
+                       rows, time.perf_counter() - t0, extra=work, data=pairs_digest(pairs))
+
+
+def row_plans(embedder: Any, recipe: Recipe, rows_tp: Sequence[tuple[str, dict]]) -> tuple[list[dict], list]:
+    """``(rows, plans)`` for the ``(label, tp)`` rows of ``recipe`` (:func:`grid`, :func:`own_rows`), every layer
+    read (``exit_layer: -1``); the 'no TP' row of a prompt with a marker hides the placeholder (the honest
+    baseline: the prompt without the marker). ``rows[r]`` holds the label, the TP schedule and the placeholder mask."""
+    rows, plans = [], []
     for label, tp in rows_tp:
         row_recipe = recipe.replace(tp=tp, exit_layer=-1)
         hidden_ph = label == "no TP" and any(PLACEHOLDER_MARKER in t for t in recipe.templates)
@@ -215,8 +232,17 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         plans.append(embedder.plan_for(row_recipe))
         rows.append({"label": label, "tp": row_recipe.tp.model_dump(mode="json"),
                      **({"placeholder_mask": "all"} if hidden_ph else {})})
-    resume = share_layers and isinstance(embedder.backend, ResumableBackend)
-    n_slots = sum(s.n_slots for _, s in share_groups(plans, resume))
+    return rows, plans
+
+
+def pair_cosines(embedder: Any, plans: Sequence[Any], pairs: Any, *, batch_size: int = 32, memory_gb: float = 1.0,
+                 share_layers: bool = True, progress: bool | None = None) -> tuple[np.ndarray, tuple]:
+    """``(cos, slots)``: the cosine of every pair at every ``hidden_states[M]`` of every plan, ``cos[:, slots[r][M]]``
+    for plan r (plans that share a layer share its column), from one :func:`~tpsurgery.sharing.encode_schedules`
+    pass per chunk of pairs whose pooled reads fit in ``memory_gb``. A sentence's embedding depends on nothing but
+    the sentence, so any subset of the pairs is scored from these columns without another pass."""
+    hidden = embedder.model.get_input_embeddings().weight.shape[1]
+    n_slots = sum(s.n_slots for _, s in share_groups(plans, share_layers))
     # sentences per chunk: encode_schedules peaks at about twice its [n, slots, d] float32 result
     cap = max(batch_size, int(memory_gb * 2**30 // max(1, 2 * n_slots * hidden * 4)))
     cos = np.empty((len(pairs), n_slots))
@@ -229,7 +255,7 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
         for i in range(hi - 1, lo - 1, -1):
             first_pair.update({pairs.b[i]: (i, "b"), pairs.a[i]: (i, "a")})
         try:
-            reads = encode_schedules(embedder, texts, plans, batch_size, share_layers=resume, warn=False,
+            reads = encode_schedules(embedder, texts, plans, batch_size, share_layers=share_layers, warn=False,
                                      show_progress_bar=False)
         except TpsurgeryError as exc:  # name the pair, whatever the chunking
             k = exc.index
@@ -249,18 +275,11 @@ def run_sweep(model: Any, recipe: Any, pairs: Any, *, stops: Sequence[int] | Non
     bar.close()
     if cut:
         warnings.warn(f"{pairs.name}: pairs {_listed(cut)} have a sentence longer than the model's limit "
-                      f"({embedder.max_length} tokens); it was truncated", UserWarning, stacklevel=2)
+                      f"({embedder.max_length} tokens); it was truncated", UserWarning, stacklevel=3)
     if bad:
         warnings.warn(f"{pairs.name}: pairs {_listed(bad)} have a sentence whose embedding is not finite (NaN or "
-                      "inf) at some layer; those cells score NaN (None)", UserWarning, stacklevel=2)
-    for row, row_slots in zip(rows, slots):
-        scores = spearman100(cos[:, list(row_slots)], pairs.gold)
-        row["scores"] = [None if np.isnan(x) else float(x) for x in scores]  # unrounded: best.yaml recreates it
-    name = model_name or getattr(embedder.model, "name_or_path", "") or type(embedder.model).__name__
-    work = {"backend": embedder.backend.name, "layer_forwards_per_batch": layer_runs(plans, resume),
-            "layer_forwards_per_batch_unshared": layer_runs(plans, resume=False)}
-    return SweepResult(name, model_fingerprint(embedder.model), recipe, pairs.name, len(pairs), embedder.n_layers,
-                       rows, time.perf_counter() - t0, extra=work, data=pairs_digest(pairs))
+                      "inf) at some layer; those cells score NaN (None)", UserWarning, stacklevel=3)
+    return cos, slots
 
 
 def _chunks(pairs: Any, cap: int) -> list[tuple[int, int]]:
