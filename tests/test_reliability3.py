@@ -604,3 +604,26 @@ def test_eval_says_why_a_score_is_nan(saved, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stsb nan (undefined: every pair got the same similarity" in done.stderr, done.stderr[-2000:]
     assert "not finite or all zero" in done.stderr
+
+
+@pytest.mark.reliability(item=13, before="silent wrong", now="correct")
+def test_a_fresh_run_with_repeated_lines_reports_no_resume(tmp_path):
+    """"resumed: 311 texts" on a fresh run: a line repeated in a later chunk hit the row this run had just stored.
+    Only rows an earlier run stored count; a real resume still reports them."""
+    from tpsurgery.cache import EmbeddingCache
+    from tpsurgery.embed_file import EmbedOptions, embed_file
+
+    model, tok = tiny_model("llama", seed=4)
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"{t}\n" for t in ["a cat", "a dog", "a cat", "a dog", "a cow", "a cat"]), encoding="utf-8")
+    options = EmbedOptions(batch_size=2, chunk_lines=2, progress=False)
+
+    def run(out: str):
+        emb = tpsurgery.apply(model, REC, tokenizer=tok, embedding_cache=EmbeddingCache(tmp_path / "c"))
+        return embed_file(emb, src, tmp_path / out, options), emb.embedding_cache
+
+    fresh, cache = run("a.npy")
+    assert cache.hits == 3 and fresh.cached == 0  # the repeats came from this run's own rows
+    again, _ = run("b.npy")
+    assert again.cached == 6  # every line from the earlier run
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))

@@ -138,6 +138,8 @@ class EmbeddingCache:
         self.path = self.directory / "embeddings.sqlite"
         self.hits = 0
         self.misses = 0
+        self.earlier_hits = 0  # hits on rows this object did not store (an earlier run's work, not a repeated text)
+        self._stored: set[bytes] = set()
         self.readable = self.writable = True
         try:
             make_dirs(self.directory)  # 0o755 whatever the umask; refuse a folder others own or may write to
@@ -229,6 +231,7 @@ class EmbeddingCache:
 
         out = self._guard(read, {}, write=False)
         self.hits += len(out)
+        self.earlier_hits += sum(bytes.fromhex(rk)[:16] not in self._stored for rk, t in by_row.items() if t in out)
         self.misses += len(texts) - len(out)
         return out
 
@@ -244,6 +247,7 @@ class EmbeddingCache:
                 con.executemany("INSERT OR REPLACE INTO emb2 (k, shape, v, h) VALUES (?, ?, ?, ?)", rows)
 
         self._guard(write, None, write=True)
+        self._stored.update(bytes.fromhex(r[0])[:16] for r in rows)
 
     def clear(self) -> None:
         """Forget every entry."""

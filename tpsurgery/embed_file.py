@@ -46,8 +46,9 @@ class EmbedOptions:
 @dataclass
 class EmbedReport:
     """What was written: rows, their width, and 1-based line numbers that were truncated or came out non-finite;
-    ``cached``: texts taken from the embedding cache (a resumed run); ``reused``: the whole file was a finished part
-    of an earlier multi-process run (:func:`~tpsurgery.distributed.embed_shards`)."""
+    ``cached``: texts taken from the embedding cache that an earlier run stored (a resumed run; a line repeated in
+    this run does not count); ``reused``: the whole file was a finished part of an earlier multi-process run
+    (:func:`~tpsurgery.distributed.embed_shards`)."""
 
     rows: int = 0
     dim: int = 0
@@ -85,7 +86,7 @@ def _embed_file(emb: Any, input: Path, output: Path, options: EmbedOptions, line
     n = len(span)
     report = EmbedReport(rows=n, dim=int(emb.encode([]).shape[-1]))
     cache = getattr(emb, "embedding_cache", None)
-    hits = cache.hits if cache is not None else 0
+    hits = cache.earlier_hits if cache is not None else 0
     bar = None
     if options.progress:
         from tqdm.auto import tqdm
@@ -105,7 +106,7 @@ def _embed_file(emb: Any, input: Path, output: Path, options: EmbedOptions, line
     finally:
         if bar is not None:
             bar.close()
-    report.cached = cache.hits - hits if cache is not None else 0
+    report.cached = cache.earlier_hits - hits if cache is not None else 0  # a repeated line is no resume
     if report.truncated:
         warnings.warn(f"{len(report.truncated)} line(s) truncated to the model's limit of {emb.max_length} tokens "
                       f"(the end of the sentence is dropped; lines {_lines(report.truncated)})", UserWarning, 3)
