@@ -26,6 +26,7 @@ from tpsurgery.testing import tiny_model
 from tpsurgery.foreign import observer
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "format-samples"
+USER_CACHE = os.environ.get("TPSURGERY_CACHE")  # before the autouse fixture moves it: the default model lives there
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is not present")
 PROMPT = "prompt: 'This sentence : <PST> \"{text}\" means in one word:\"'\n"
 REC = {"prompt": 'This sentence : <PST> "{text}" means in one word:"', "tp": {"start": 0, "stop": 2}, "exit_layer": 3}
@@ -460,6 +461,8 @@ def test_the_ci_recipe_in_docs_evaluation_md_runs_as_written(tmp_path):
     (tmp_path / "data").symlink_to(SAMPLES.parent / "senteval")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("TPSURGERY_CACHE")  # the user's cache, where `tpsurgery fetch-model` put the default model
+    env.update({"TPSURGERY_CACHE": USER_CACHE} if USER_CACHE else {})
     for line in lines:
         done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, (line, done.stderr[-3000:])
