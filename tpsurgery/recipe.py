@@ -32,13 +32,15 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .ops import OPS, EditSpec
+from .ops import EditSpec
+from .recipe_errors import error_from_validation
+from .recipe_yaml import check_plain, load_yaml, yaml_error
 from .schema import NUM as _NUM, SEED as _SEED, Frozen as _Frozen, PoolingSpec, Span
 
 PLACEHOLDER_MARKER = "<PST>"
@@ -75,6 +77,8 @@ class TPSchedule(_Frozen):
 
     Accepts the shorthand ``{start: a, stop: b}`` (one span) or a list of spans as ``tp``.
     """
+
+    SHORTHAND_KEYS: ClassVar[tuple[str, ...]] = ("start", "stop")  # accepted beside the fields (error messages)
 
     spans: tuple[Span, ...] = ()
     resume: Annotated[int, Field(ge=0), _NUM] | None = None
@@ -263,252 +267,6 @@ class Recipe(_Frozen):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_UNION_TAG = re.compile(r"^(int|str|float|bool|none|bytes|Span|TPSchedule|Placeholder|Attention|EditSpec|PoolingSpec|VectorFile|Positions)$"
-                        r"|^(literal|tuple|list|dict|set|union|function-[a-z-]+)\[")
-
-
-def _is_tag(loc: tuple, k: int) -> bool:
-    """Whether ``loc[k]`` is a tag pydantic adds: a union member's type, or an edit's op (after ``edits.N``)."""
-    p = loc[k]
-    if isinstance(p, int):
-        return False
-    return bool(_UNION_TAG.match(str(p))) or (k >= 2 and loc[k - 2] == "edits" and isinstance(loc[k - 1], int)
-                                              and p in OPS)
-
-
-def _op_of(loc: tuple) -> str | None:
-    """The op tag in an edit's error location (``("edits", 0, "copy", "factor")`` -> ``copy``)."""
-    return next((str(loc[k]) for k in range(len(loc)) if _is_tag(loc, k) and loc[k] in OPS), None)
-
-
-def _field_of(loc: tuple) -> str:
-    """The dotted recipe field of a pydantic error location, without the union-member tags pydantic adds."""
-    return ".".join(str(p) for k, p in enumerate(loc) if not _is_tag(loc, k)) or "<recipe>"
-
-
-def _own_fields(error: dict) -> list[dict]:
-    """A RecipeError raised inside a validator names its fields relative to the validator's location: one pydantic
-    error per problem it lists."""
-    inner = (error.get("ctx") or {}).get("error")
-    if isinstance(inner, RecipeError):
-        return [{**error, "loc": tuple(error["loc"]) + tuple(p for p in field.split(".") if p), "msg": message}
-                for field, message in inner.problems]
-    return [error]
-
-
-def _got(value: Any) -> str:
-    """What a wrong value was, for "(got ...)": a short scalar itself, else its kind.
-
-    >>> _got(3), _got("x" * 80), _got([1, 2]), _got({"a": 1}), _got(None)
-    ('3', 'a string of 80 characters', 'a list of 2 items', 'a mapping', 'None')
-    """
-    if value is None or (isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 60):
-        return repr(value)
-    if isinstance(value, str):
-        return f"a string of {len(value)} characters"
-    if isinstance(value, (list, tuple)):
-        return f"a list of {len(value)} items"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
-def _message(error: dict) -> str:
-    """Pydantic's message plus what the offending value was (every type error says "(got ...)")."""
-    msg = error["msg"].removeprefix("Value error, ")
-    op = _op_of(tuple(error["loc"]))
-    if error["type"] == "missing" and op is not None and error["loc"][-2] == op:
-        return f"op {op} needs `{error['loc'][-1]}`"
-    if error["type"] == "union_tag_invalid":
-        return f"unknown op {error['input'].get('op')!r} (allowed: {', '.join(OPS)})" \
-            if isinstance(error.get("input"), dict) else msg
-    if error["type"] == "union_tag_not_found":
-        return f"needs `op` (allowed: {', '.join(OPS)})"
-    if error["type"] not in ("value_error", "missing", "extra_forbidden") and "input" in error:
-        msg += f" (got {_got(error['input'])})"
-    return msg
-
-
-def _user_field(field: str, source: Any) -> str:
-    """Where the user wrote a field: ``tp: {start, stop}`` is the one-span shorthand, so pydantic's
-    ``tp.spans.0.start`` is the user's ``tp.start`` (messages keep ``tp.spans.0``, as the plan's do)."""
-    tp = source.get("tp") if isinstance(source, dict) else None
-    if field.startswith("tp.spans.0.") and isinstance(tp, dict) and "spans" not in tp:
-        return "tp." + field.removeprefix("tp.spans.0.")
-    return field
-
-
-def _error_from_validation(exc: ValidationError, source: Any = None) -> RecipeError:
-    """One RecipeError listing every problem: unknown keys first, each with the closest allowed key ("did you
-    mean"); the alternatives of a union joined with "or". A field reported missing because its key was misspelt
-    (``tp: {strat: 1, stop: 2}``: ``tp.spans.0.start``) is left out: the unknown key ``tp.strat`` says it."""
-    errors = [own for e in exc.errors() for own in _own_fields(e)]
-    errors.sort(key=lambda e: e["type"] != "extra_forbidden")  # stable: otherwise pydantic's order
-    by_field: dict[str, list[dict]] = {}
-    for e in errors:
-        by_field.setdefault(_field_of(e["loc"]), []).append(e)
-    meant = {f.rpartition(".")[0] + "." + close if "." in f else close
-             for f, es in by_field.items() if es[0]["type"] == "extra_forbidden"
-             for close in [_closest_key(es[0]["loc"])] if close}
-    by_field = {f: es for f, es in by_field.items()
-                if not (es[0]["type"] == "missing" and _user_field(f, source) in meant)}
-    # a list given to a str-or-list field: the item's error says more than "not a string" of the whole
-    fields = [f for f in by_field if not any(g.startswith(f + ".") for g in by_field)]
-    problems = []
-    for f in fields:
-        first = by_field[f][0]
-        if first["type"] == "extra_forbidden":
-            problems.append((f, _unknown_key(first["loc"])))
-        else:  # the alternatives of a union (exit_layer: an integer or 'auto')
-            problems.append((f, "; or: ".join(dict.fromkeys(_message(e) for e in by_field[f]))))
-    return RecipeError(*problems[0], more=problems[1:])
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model = _model_at(loc[:-1])
-    return list(model.model_fields) + (["start", "stop"] if model is TPSchedule else []) if model else []
-
-
-def _closest_key(loc: tuple) -> str | None:
-    """The allowed key closest to the unknown key at ``loc`` (None: none is close)."""
-    close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(loc), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _unknown_key(loc: tuple) -> str:
-    """``unknown key; did you mean `stop`? (allowed here: ...)`` for the key at ``loc``; in an edit, the op's own
-    parameters."""
-    op = _op_of(loc)
-    if op is not None and len(loc) >= 2 and loc[-2] == op:  # a key of the edit itself, not of a nested mapping
-        own = OPS[op].parameters
-        close = difflib.get_close_matches(str(loc[-1]), list(OPS[op].spec.model_fields), n=1, cutoff=0.6)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
-        its = f"its parameters: {', '.join(own)}" if own else "it takes no parameters"
-        return f"not a parameter of op {op}{hint} ({its}; every edit: site, layers, rows, heads)"
-    allowed = _allowed_keys(loc)
-    close = _closest_key(loc)
-    hint = f"; did you mean `{close}`?" if close else ""
-    return f"unknown key{hint} (allowed here: {', '.join(allowed) if allowed else 'see tpsurgery recipe schema'})"
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Recipe
-    for k, part in enumerate(loc):
-        if _is_tag(loc, k) and part in OPS:
-            model = OPS[str(part)].spec
-            continue
-        if isinstance(part, int) or _is_tag(loc, k) or (model is Recipe and part == "edits"):
-            continue  # (an edit's model is named by the op tag that follows)
-        info = model.model_fields.get(str(part))
-        if info is None:
-            return None
-        ann = info.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        nested += [a for c in candidates for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model
-
-
-def _load_yaml(text: str) -> Any:
-    """``yaml.SafeLoader`` (no python/* tags) that also refuses duplicate keys, which YAML resolves silently.
-
-    JSON objects are read by :mod:`json` first: PyYAML splits JSON's surrogate-pair escapes (``json.dumps`` of an
-    emoji) into two lone surrogates and refuses characters JSON allows (U+FFFE).
-    """
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text, object_pairs_hook=_json_object)
-        except json.JSONDecodeError:
-            pass  # flow-style YAML, not JSON
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        _check_duplicates(node, (), set())
-        return loader.construct_document(node) if node is not None else None
-    finally:
-        loader.dispose()
-
-
-def _json_object(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    for k in keys:
-        if keys.count(k) > 1:
-            raise RecipeError(k, "appears twice in the same mapping")
-    return dict(pairs)
-
-
-def _check_duplicates(node: Any, path: tuple, seen_nodes: set) -> None:
-    if id(node) in seen_nodes:  # an alias: checked where it was defined (walking it again can be exponential)
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        seen: set = set()
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key is not None and key in seen:
-                raise RecipeError(".".join((*path, key)),
-                                  f"appears twice in the same mapping (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-            _check_duplicates(value_node, (*path, str(key)), seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicates(item, (*path, str(i)), seen_nodes)
-
-
-_PLAIN = (str, int, float, bool, type(None))
-_MAX_VALUES = 10_000
-
-
-def _check_plain(value: Any, path: tuple, budget: list | None = None) -> None:
-    """Recipes hold strings, numbers, booleans, null, lists and mappings with string keys: nothing a YAML tag made.
-
-    At most ``_MAX_VALUES`` values in all: YAML aliases can make a 1 kB file expand exponentially ("billion laughs").
-    """
-    budget = [_MAX_VALUES] if budget is None else budget
-    budget[0] -= 1
-    where = ".".join(map(str, path)) or "<recipe>"
-    if budget[0] < 0 or len(path) > 32:
-        raise RecipeError("<recipe>" if budget[0] < 0 else str(path[0]), f"the recipe is too large or too deeply nested "
-                          f"(more than {_MAX_VALUES} values or 32 levels; YAML aliases that expand?)")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise RecipeError(where, f"keys must be strings, got {type(k).__name__} {k!r}")
-            _check_plain(v, (*path, k), budget)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, (*path, i), budget)
-    elif not isinstance(value, _PLAIN):
-        raise RecipeError(where, f"a {type(value).__name__} value (from a YAML tag such as !!binary, !!set or a date?) "
-                                 "is not allowed: use strings, numbers, booleans, lists and mappings")
-
-
-def _yaml_error(exc: yaml.YAMLError, origin: str | None) -> str:
-    r"""``FILE, line L, column C: not valid YAML: PROBLEM (CONTEXT at line l, column c)``: where first (the file when
-    known, not PyYAML's ``"<unicode string>"``), then what.
-
-    >>> try:
-    ...     yaml.safe_load("tp: {start: 1, stop: 2\nexit_layer: 3")
-    ... except yaml.YAMLError as exc:
-    ...     print(_yaml_error(exc, "r.yaml"))
-    r.yaml, line 2, column 11: not valid YAML: expected ',' or '}', but got ':' (while parsing a flow mapping at line 1, column 5)
-    """
-    mark = getattr(exc, "problem_mark", None)
-    where = ", ".join(filter(None, [origin, f"line {mark.line + 1}, column {mark.column + 1}" if mark else None]))
-    problem = getattr(exc, "problem", None) or str(exc).replace('in "<unicode string>", ', "")
-    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    if context and cmark is not None:
-        problem += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
-    elif context:
-        problem += f" ({context})"
-    if "tag" in problem:
-        problem += "; only plain YAML is accepted, no tags"
-    return f"{where + ': ' if where else ''}not valid YAML: {problem}"
-
-
 def parse_recipe(source: str | dict | Recipe, base: str | Path | None = None, *, origin: str | None = None) -> Recipe:
     """A Recipe from YAML/JSON text, a mapping, or a Recipe. Errors are :class:`RecipeError` naming the field;
     ``origin`` (a file name) starts YAML syntax errors.
@@ -521,15 +279,15 @@ def parse_recipe(source: str | dict | Recipe, base: str | Path | None = None, *,
         if len(source.encode()) > MAX_RECIPE_BYTES:
             raise RecipeError("<recipe>", f"recipe text is larger than {MAX_RECIPE_BYTES} bytes")
         try:
-            source = _load_yaml(source)
+            source = load_yaml(source)
         except RecipeError:
             raise
         except yaml.YAMLError as exc:
-            raise RecipeError("<recipe>", _yaml_error(exc, origin)) from None
+            raise RecipeError("<recipe>", yaml_error(exc, origin)) from None
         except RecursionError:
             raise RecipeError("<recipe>", "the YAML is nested too deeply") from None
         if isinstance(source, dict):
-            _check_plain(source, ())
+            check_plain(source, ())
     if source is None:
         source = {}
     if not isinstance(source, dict):
@@ -537,7 +295,7 @@ def parse_recipe(source: str | dict | Recipe, base: str | Path | None = None, *,
     try:
         return Recipe.model_validate(source, context={"base": str(base) if base is not None else None})
     except ValidationError as exc:
-        err = _error_from_validation(exc, source)
+        err = error_from_validation(exc, Recipe, source)
         seen = {f for f, _ in err.problems}  # the whole-recipe checks too, read from the raw data: one round
         more = [p for p in _raw_run_problems(source) if p[0] not in seen]
         err = RecipeError(*err.problems[0], more=[*err.problems[1:], *more])
