@@ -14,7 +14,8 @@ from tpsurgery.arch import arch_for, get_path
 from tpsurgery.backends.pooling import pool
 from tpsurgery.backends.surgery import apply_edits
 from tpsurgery.errors import BackendError
-from tpsurgery.plan import Batch, Plan
+from tpsurgery.batch import Batch
+from tpsurgery.plan import Plan
 
 
 class _Stop(Exception):

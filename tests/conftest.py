@@ -8,8 +8,8 @@ from jaxtyping import install_import_hook
 
 # Shapes in the code (issue 21 item 5): the jaxtyping annotations of these modules' tensor functions are checked at
 # every call in the whole test suite (beartype, from the test extra). Installed before anything imports tpsurgery.
-SHAPE_CHECKED = ("tpsurgery.ops", "tpsurgery.masks", "tpsurgery.backends.walk", "tpsurgery.backends.hooked",
-                 "tpsurgery.backends.surgery", "tpsurgery.backends.pooling")
+SHAPE_CHECKED = ("tpsurgery.ops", "tpsurgery.masks", "tpsurgery.batch", "tpsurgery.backends.walk",
+                 "tpsurgery.backends.hooked", "tpsurgery.backends.surgery", "tpsurgery.backends.pooling")
 install_import_hook(SHAPE_CHECKED, "beartype.beartype")
 
 import pytest  # noqa: E402

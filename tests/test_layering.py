@@ -88,7 +88,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_import_graph_sees_local_and_relative_imports():
     graph = import_graph()
     assert "tpsurgery.backends.nnsight_backend" in graph["tpsurgery.api"]  # imported inside a function
-    assert "tpsurgery.plan" in graph["tpsurgery.backends.surgery"]  # `from ..plan import`
+    assert "tpsurgery.batch" in graph["tpsurgery.backends.surgery"]  # `from ..batch import`
     assert "tpsurgery.errors" not in graph["tpsurgery.errors"]
 
 
@@ -128,7 +128,8 @@ def test_both_backends_meet_the_protocol_with_its_exact_signatures(backends):
 
 
 def test_a_backend_without_prefix_support_refuses_a_prefix(backends):
-    from tpsurgery.plan import collate, compile_plan
+    from tpsurgery.batch import collate
+    from tpsurgery.plan import compile_plan
     from tpsurgery.prefix import compute_prefix
     from tpsurgery.recipe import parse_recipe
 

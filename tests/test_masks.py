@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import tpsurgery
 from tpsurgery.errors import ModelError
 from tpsurgery.masks import allowed, layer_masks
-from tpsurgery.plan import collate, compile_plan
+from tpsurgery.batch import collate
+from tpsurgery.plan import compile_plan
 from tpsurgery.library import load_recipe
 from tpsurgery.recipe import parse_recipe
 from tpsurgery.testing import tiny_model
@@ -224,7 +225,7 @@ def test_plain_plan_builds_no_masks_and_unsupported_attention_is_named():
 @given(data=st.data())
 def test_masks_equal_the_rule_for_any_batch_layout(data):
     """Random left-padded layouts: placeholders anywhere (several, adjacent, first column), sentence anywhere."""
-    from tpsurgery.plan import Batch
+    from tpsurgery.batch import Batch
 
     bsz = data.draw(st.integers(1, 3), label="batch")
     length = data.draw(st.integers(3, 12), label="length")

@@ -363,7 +363,7 @@ def test_prefix_reuse_passes_only_arguments_the_model_forward_takes():
     import inspect
 
     from tpsurgery.prefix import compute_prefix
-    from tpsurgery.plan import Batch
+    from tpsurgery.batch import Batch
 
     model, tok = tiny_model("llama")
     emb = tpsurgery.apply(model, REC, tokenizer=tok)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names come
     from .errors import BackendError, InputError, ModelError, RecipeError, TpsurgeryError
     from .library import load_recipe
     from .models import DEFAULT_MODEL, load_model
-    from .plan import Batch, Plan, collate, compile_plan
+    from .batch import Batch, collate
+    from .plan import Plan, compile_plan
     from .recipe import Recipe, dump_recipe, parse_recipe, recipe_schema
     from .saving import SavedEmbeddings, load_embeddings

@@ -44,13 +44,13 @@ from .backends.walk import Schedule, Walk, model_inputs, read_point, run_capture
 from .errors import BackendError, InputError
 from .masks import layer_masks, mask_position
 from .placement import input_device
-from .plan import Batch, collate
+from .batch import Batch, collate
 from .resources import check_texts, eval_mode
 
 
 def recipe_batch(emb: Any, texts: str | Sequence[str], template: int | None = None) -> Batch:
     """``texts`` in one of the recipe's prompts (``template``: its index; needed when the recipe has several) as one
-    :class:`~tpsurgery.plan.Batch` in the given order, on the device of the model's embedding, auxiliary runs'
+    :class:`~tpsurgery.batch.Batch` in the given order, on the device of the model's embedding, auxiliary runs'
     prompts included."""
     texts = [texts] if isinstance(texts, str) else check_texts(texts)
     if not texts:

@@ -25,7 +25,8 @@ from .backends.pooling import combine
 from .errors import InputError, ModelError, RecipeError, TpsurgeryError
 from . import compose, foreign
 from .placement import input_device
-from .plan import Plan, collate, compile_plan
+from .batch import collate
+from .plan import Plan, compile_plan
 from .batching import default_budget, Progress, check_budget, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows

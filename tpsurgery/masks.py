@@ -7,7 +7,7 @@ The recipe's edits are mask functions ``f(batch, head, q, kv) -> bool`` OR'ed on
 
 >>> import torch
 >>> from tpsurgery.masks import allowed
->>> from tpsurgery.plan import Batch
+>>> from tpsurgery.batch import Batch
 >>> b = Batch(input_ids=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1]]),
 ...           position_ids=torch.tensor([[0, 0, 1, 2, 3]]), placeholders=torch.tensor([[2]]),
 ...           source=torch.tensor([4]), text_mask=torch.tensor([[0., 0., 0., 1., 0.]]), text_end=torch.tensor([4]))
@@ -28,7 +28,8 @@ from jaxtyping import Bool, Int
 from .errors import ModelError, RecipeError
 from .placement import input_device
 from .versions import cache_kwarg
-from .plan import Batch, Plan
+from .batch import Batch
+from .plan import Plan
 
 MaskFn = Callable[[Any, Any, Any, Any], Any]
 SUPPORTED_ATTENTION = ("sdpa", "eager")

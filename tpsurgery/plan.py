@@ -1,6 +1,5 @@
-"""Plans: a recipe compiled against a model's depth (a tuple of edits) and a tokenized batch (tensors).
-
-Both are plain data read by fixed backend code.
+"""Plans: a recipe compiled against a model's depth (a tuple of edits, the reads, and the facts prefix reuse and
+batching read); plain data read by fixed backend code, with the tokenized batch (:mod:`tpsurgery.batch`).
 
 >>> from tpsurgery.recipe import parse_recipe
 >>> plan = compile_plan(parse_recipe("prompt: '<PST> {text}'\\ntp: {start: 1, stop: 3}\\nexit_layer: -2"), n_layers=4, hidden_size=8)
@@ -18,12 +17,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
-from typing import Sequence
-
-import torch
 
 from .edits import Edit, Rows, Vector, describe_edit, layer_ranges
-from .errors import InputError, RecipeError
+from .errors import RecipeError
 from .ops import OPS
 from .prompts import Encoded
 from .recipe import Recipe
@@ -370,75 +366,3 @@ def _pooling(recipe: Recipe, n_layers: int, exit_layer: int | None) -> tuple[str
             raise RecipeError("pooling.layers", f"reads up to hidden_states[{m}] but {name} is {value}: leave "
                                                 f"exit_layer out (or set it to {m}) when pooling.layers is given")
     return p.tokens, p.k or 1, reads, p.weights
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A left-padded batch: model inputs plus where placeholders sit, which row is the source, what is pooled.
-
-    ``placeholders`` and ``source`` are absolute column indices; ``text_mask`` marks the last ``{text}`` slot's tokens
-    (mean pooling); ``text_end`` is each row's end of the sentence (exclusive; end of the bidirectional span);
-    ``starts`` each row's first column (positions counted from the start; None: derived from the attention mask).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    placeholders: torch.Tensor
-    source: torch.Tensor
-    text_mask: torch.Tensor
-    text_end: torch.Tensor
-    others: tuple[tuple[str, "Batch"], ...] = ()
-    starts: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def other(self, run: str) -> "Batch":
-        """The same sentences in auxiliary run ``run``'s prompt (collated on their own)."""
-        return dict(self.others)[run]
-
-
-def collate(rows: Sequence[Encoded], pad_id: int, reach: int = -1, indices: Sequence[int] | None = None,
-            hide_placeholders: bool = False, min_length: int | None = None) -> Batch:
-    """Left-pad encoded rows into a :class:`Batch`; position ids count visible tokens only (``cumsum(mask) - 1``).
-
-    ``reach`` (:attr:`Plan.reach`) gives ``Batch.source``; rows shorter than ``min_length`` (default ``-reach``;
-    :attr:`Plan.min_length`) are rejected. ``hide_placeholders`` gives placeholder columns attention mask 0 (nothing attends to them, no position id).
-    Rows that carry auxiliary runs' encodings (:attr:`Encoded.others`) get those collated as ``Batch.others``.
-    """
-    indices = list(indices) if indices is not None else list(range(len(rows)))
-    width = max(len(r.ids) for r in rows)
-    n_ph = {len(r.placeholders) for r in rows}
-    if len(n_ph) != 1:
-        raise InputError(None, "rows of one batch must share their template (different placeholder counts)")
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    text = torch.zeros((len(rows), width), dtype=torch.float32)
-    ph = torch.zeros((len(rows), n_ph.pop()), dtype=torch.long)
-    text_end = torch.zeros(len(rows), dtype=torch.long)
-    starts = torch.zeros(len(rows), dtype=torch.long)
-    need = -reach if min_length is None else min_length
-    for b, (r, idx) in enumerate(zip(rows, indices)):
-        if len(r.ids) == 0:
-            raise InputError(idx, "the prompted input has no tokens (empty text and no prompt)")
-        if len(r.ids) < need:
-            raise InputError(idx, f"the recipe reads {need} positions (tp.source, an edit's rows or the pooling) but "
-                                  f"this input has {len(r.ids)} tokens")
-        off = width - len(r.ids)
-        starts[b] = off
-        ids[b, off:] = torch.tensor(r.ids)
-        mask[b, off:] = 1
-        text[b, off + r.text_span[0]: off + r.text_span[1]] = 1.0
-        text_end[b] = off + r.text_span[1]
-        if r.placeholders:
-            ph[b] = torch.tensor(r.placeholders) + off
-            if hide_placeholders:
-                mask[b, ph[b]] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    src = torch.full((len(rows),), width + reach, dtype=torch.long)
-    others = tuple((name, collate([dict(r.others)[name] for r in rows], pad_id, -1, indices))
-                   for name, _ in rows[0].others)
-    return Batch(ids, mask, pos, ph, src, text, text_end, others, starts)
-

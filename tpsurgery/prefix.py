@@ -33,7 +33,8 @@ import torch
 from .errors import BackendError
 from .placement import input_device
 from .versions import cache_kwarg
-from .plan import Batch, Plan
+from .batch import Batch
+from .plan import Plan
 from .prompts import Encoded
 
 

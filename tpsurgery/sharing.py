@@ -19,7 +19,8 @@ import torch
 
 from .backends import Backend, ResumableBackend
 from .batching import Progress, check_budget
-from .plan import Batch, Plan
+from .batch import Batch
+from .plan import Plan
 from .resources import caller_indices, check_texts, non_finite_message, non_finite_rows
 
 

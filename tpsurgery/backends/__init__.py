@@ -1,4 +1,4 @@
-"""Backends execute a :class:`~tpsurgery.plan.Plan` on a :class:`~tpsurgery.plan.Batch`; :class:`Backend` is the
+"""Backends execute a :class:`~tpsurgery.plan.Plan` on a :class:`~tpsurgery.batch.Batch`; :class:`Backend` is the
 contract every backend meets, :class:`ResumableBackend` the one of backends that can also start a run at a layer.
 
 >>> from tpsurgery.backends.nnsight_backend import NNsightBackend
@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from ..arch import ArchSpec
-from ..plan import Batch, Plan
+from ..batch import Batch
+from ..plan import Plan
 from ..prefix import Prefix
 
 

@@ -32,7 +32,8 @@ import torch
 from ..arch import ArchSpec, attn_out_module, embed_site, get_path
 from ..errors import BackendError
 from ..masks import replace_mask
-from ..plan import Batch, Plan
+from ..batch import Batch
+from ..plan import Plan
 from .walk import Engine, Point, Schedule, Stop, Walk, run_plan
 
 
@@ -40,7 +41,7 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
     """The batch with every tensor on ``device``, each copied once: from pinned memory without blocking on CUDA (a
     copy from pageable memory waits for the queued kernels), so the edits' index tensors need no copy per layer.
 
-    >>> from tpsurgery.plan import collate
+    >>> from tpsurgery.batch import collate
     >>> from tpsurgery.prompts import Encoded
     >>> b = collate([Encoded(ids=(5, 0, 6), placeholders=(1,), text_span=(2, 3))], pad_id=9)
     >>> batch_to(b, torch.device("cpu")).input_ids is b.input_ids

@@ -22,7 +22,8 @@ import torch
 from ..arch import ArchSpec, arch_for, attn_out_module, embed_site, get_path
 from ..errors import BackendError, TpsurgeryError
 from ..foreign import carried
-from ..plan import Batch, Plan
+from ..batch import Batch
+from ..plan import Plan
 from ..prefix import Prefix
 from ..masks import layer_masks, mask_position, replace_mask
 from ..placement import input_device

@@ -2,7 +2,7 @@
 whole batch), :func:`combine` makes the embedding of the reads of ``plan.read_layers``.
 
 >>> import torch
->>> from tpsurgery.plan import collate
+>>> from tpsurgery.batch import collate
 >>> from tpsurgery.prompts import Encoded
 >>> batch = collate([Encoded(ids=(5, 6, 7), placeholders=(), text_span=(1, 3))], pad_id=0)
 >>> h = torch.arange(12.).reshape(1, 3, 4)
@@ -20,7 +20,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..plan import Batch, Plan
+from ..batch import Batch
+from ..plan import Plan
 
 POOLINGS = ("last", "mean", "last_k")
 

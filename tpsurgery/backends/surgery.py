@@ -6,7 +6,7 @@ tensor (the input is left alone). An edit's result is kept on its rows (:func:`r
 
 >>> import torch
 >>> from tpsurgery.edits import Edit, Vector
->>> from tpsurgery.plan import collate
+>>> from tpsurgery.batch import collate
 >>> from tpsurgery.prompts import Encoded
 >>> batch = collate([Encoded(ids=(5, 0, 6, 7), placeholders=(1,), text_span=(2, 3))], pad_id=9)
 >>> h = torch.arange(8.).reshape(1, 4, 2)
@@ -36,7 +36,7 @@ from torch import Tensor
 from ..edits import Edit, Rows
 from ..errors import BackendError
 from ..ops import OPS
-from ..plan import Batch
+from ..batch import Batch
 
 Captured = Mapping[tuple, torch.Tensor]  # (run, site, layer, rows) -> [B, k, width] rows of an auxiliary run
 

@@ -43,7 +43,8 @@ from ..arch import ArchSpec, arch_for
 from ..errors import BackendError, ModelError, TpsurgeryError
 from ..masks import layer_masks
 from ..placement import input_device
-from ..plan import Batch, Plan
+from ..batch import Batch
+from ..plan import Plan
 from ..prefix import Prefix
 from .hooked import batch_to
 from .walk import Schedule, Stop, Walk, flatten_heads, model_inputs, run_plan, unflatten_heads

@@ -34,7 +34,8 @@ from jaxtyping import Float
 
 from ..edits import Edit, Rows
 from ..errors import BackendError
-from ..plan import Batch, Plan
+from ..batch import Batch
+from ..plan import Plan
 from .pooling import combine, pool
 from .surgery import apply_edits, capture
 
