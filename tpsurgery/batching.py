@@ -1,4 +1,4 @@
-"""Batches by a token budget, and the progress bar they move.
+"""Batches by a token budget, the progress bar they move, and the work counters (:class:`EncodeStats`).
 
 A batch holds at most ``batch_size`` rows and at most ``max_tokens`` computed positions (rows x the width of its
 longest row, pads included). Rows are taken longest first, so one very long text runs alone (or with a few) instead
@@ -15,11 +15,14 @@ length of the call: ordinary texts fill whole batches as before; only outliers g
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 from .errors import InputError
+from .resources import peak_memory_mb
 
 
 def default_budget(lengths: Sequence[int], batch_size: int) -> int:
@@ -126,3 +129,65 @@ class Progress:
     def close(self) -> None:
         if self.owned and self.bar is not None:
             self.bar.close()
+
+
+@dataclass
+class EncodeStats:
+    """Work counters since the embedder was made: calls, texts, batches, rows, padded vs real tokens, prefix tokens
+    not recomputed, wall time and peak memory; ``print(emb.stats)`` for a summary.
+
+    >>> s = EncodeStats(); s.count(rows=2, width=4, real=6); s.padding_waste
+    0.25
+    >>> s.seconds, s.texts = 2.0, 2; print(s)
+    2 texts in 2.00 s (1.0 texts/s, 3 tokens/s); 1 batches, 25% padding
+    """
+
+    batches: int = 0
+    rows: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    prefix_tokens_saved: int = 0
+    texts: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None
+
+    def count(self, rows: int, width: int, real: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.tokens += real
+        self.padded_tokens += rows * width
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of the computed positions that are pads (0.0 = no padding)."""
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    @property
+    def texts_per_second(self) -> float:
+        """Texts given to ``encode`` / ``encode_schedules`` per second of their wall time."""
+        return self.texts / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real (non-pad) tokens run per second of wall time."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        mem = f"; peak memory {self.peak_memory_mb:.0f} MiB" if self.peak_memory_mb is not None else ""
+        return (f"{self.texts} texts in {self.seconds:.2f} s ({self.texts_per_second:.1f} texts/s, "
+                f"{self.tokens_per_second:.0f} tokens/s); {self.batches} batches, {self.padding_waste:.0%} padding"
+                + mem)
+
+
+@contextlib.contextmanager
+def timed(stats: EncodeStats, sentences: Any, device: Any) -> Iterator[None]:
+    """Adds a call's wall time, its number of texts and the peak memory so far to ``stats``. A context manager, not a
+    decorator: a wrapper would be one more frame between ``encode``'s warnings and the caller's line."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.seconds += time.perf_counter() - t0
+        sized = isinstance(sentences, str) or hasattr(sentences, "__len__")
+        stats.texts += (1 if isinstance(sentences, str) else len(sentences)) if sized else 0
+        stats.peak_memory_mb = peak_memory_mb(device)

@@ -11,10 +11,9 @@
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +26,12 @@ from . import compose, foreign
 from .placement import input_device
 from .batch import collate
 from .plan import Plan, compile_plan
-from .batching import default_budget, Progress, check_budget, token_batches
+from .batching import EncodeStats, Progress, check_budget, default_budget, timed, token_batches
 from .cache import as_cache
 from .prefix import Prefix, PrefixStore, shared_prefix_length, split_rows
 from .prompts import Encoded, check_markers, encode_prompts, truncation_message
 from .resources import PENDING_BYTES, at_user_index, caller_indices, check_texts, eval_mode, flush_results, \
-    non_finite_message, non_finite_rows, peak_memory_mb, run_splitting
+    non_finite_message, non_finite_rows, run_splitting
 from .recipe import Recipe
 from .saving import save_embeddings
 
@@ -56,68 +55,6 @@ def _placeholder_id(recipe: Recipe, tokenizer: Any, vocab_size: int) -> int:
     if p.token_id >= vocab_size:
         raise RecipeError("placeholder.token_id", f"{p.token_id} is outside the vocabulary (size {vocab_size})")
     return p.token_id
-
-
-@dataclass
-class EncodeStats:
-    """Work counters since the embedder was made: calls, texts, batches, rows, padded vs real tokens, prefix tokens
-    not recomputed, wall time and peak memory; ``print(emb.stats)`` for a summary.
-
-    >>> s = EncodeStats(); s.count(rows=2, width=4, real=6); s.padding_waste
-    0.25
-    >>> s.seconds, s.texts = 2.0, 2; print(s)
-    2 texts in 2.00 s (1.0 texts/s, 3 tokens/s); 1 batches, 25% padding
-    """
-
-    batches: int = 0
-    rows: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    prefix_tokens_saved: int = 0
-    texts: int = 0
-    seconds: float = 0.0
-    peak_memory_mb: float | None = None
-
-    def count(self, rows: int, width: int, real: int) -> None:
-        self.batches += 1
-        self.rows += rows
-        self.tokens += real
-        self.padded_tokens += rows * width
-
-    @property
-    def padding_waste(self) -> float:
-        """Share of the computed positions that are pads (0.0 = no padding)."""
-        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-    @property
-    def texts_per_second(self) -> float:
-        """Texts given to ``encode`` / ``encode_schedules`` per second of their wall time."""
-        return self.texts / self.seconds if self.seconds else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Real (non-pad) tokens run per second of wall time."""
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    def __str__(self) -> str:
-        mem = f"; peak memory {self.peak_memory_mb:.0f} MiB" if self.peak_memory_mb is not None else ""
-        return (f"{self.texts} texts in {self.seconds:.2f} s ({self.texts_per_second:.1f} texts/s, "
-                f"{self.tokens_per_second:.0f} tokens/s); {self.batches} batches, {self.padding_waste:.0%} padding"
-                + mem)
-
-
-@contextlib.contextmanager
-def _timed(stats: EncodeStats, sentences: Any, device: Any) -> Iterator[None]:
-    """Adds a call's wall time, its number of texts and the peak memory so far to ``stats``. A context manager, not a
-    decorator: a wrapper would be one more frame between ``encode``'s warnings and the caller's line."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        stats.seconds += time.perf_counter() - t0
-        sized = isinstance(sentences, str) or hasattr(sentences, "__len__")
-        stats.texts += (1 if isinstance(sentences, str) else len(sentences)) if sized else 0
-        stats.peak_memory_mb = peak_memory_mb(device)
 
 
 class Embedder:
@@ -215,7 +152,7 @@ class Embedder:
     def timing(self, sentences: Any) -> contextlib.AbstractContextManager[None]:
         """Counts one call over ``sentences`` in :attr:`stats` (wall time, texts, peak memory), also when it fails;
         ``encode`` and :func:`tpsurgery.sharing.encode_schedules` run inside it."""
-        return _timed(self.stats, sentences, next(self.model.parameters()).device)
+        return timed(self.stats, sentences, next(self.model.parameters()).device)
 
     def encode(
         self,
