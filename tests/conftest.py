@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import beartype  # noqa: F401  before nnsight, which adds an unhashable `object.save` that beartype's import trips on
 from jaxtyping import install_import_hook
 
 # Shapes in the code (issue 21 item 5): the jaxtyping annotations of these modules' tensor functions are checked at
