@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import InputError, ModelError, RecipeError
 from .recipe import PLACEHOLDER_MARKER, TEXT_SLOT
@@ -116,24 +117,19 @@ def encode_prompts(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError("tpsurgery needs a fast (Rust) tokenizer with offset mappings; got a slow tokenizer")
-    pieces = split_template(template)
     texts = [preprocess_sentence(t) if preprocess else t for t in texts]
     if max_length is not None:  # a 1 MB line is cut by characters first: only a prefix can ever be kept
         bound = char_bound(tokenizer, max_length)
         texts = [t[:bound] if len(t) > bound else t for t in texts]
     tok = _Tokenize(tokenizer, template)
     if compat == "official":
-        out = [_official_within(tok, template, t, placeholder_id, max_length, i) for i, t in enumerate(texts)]
+        encode = functools.partial(_encode_official, tok, _chunks(template), placeholder_id, {})
     else:
-        filled = [_fill(pieces, t) for t in texts]
-        enc = tok([f[0] for f in filled])
-        out = []
-        for i, (text, (_, markers, span)) in enumerate(zip(texts, filled)):
-            tok.check_text(enc["input_ids"][i], enc["offset_mapping"][i], span, i)
-            e = _splice(enc["input_ids"][i], enc["offset_mapping"][i], markers, span, placeholder_id)
-            if max_length is not None and len(e.ids) > max_length:
-                e = _truncate(tok, pieces, text, placeholder_id, max_length, i)
-            out.append(e)
+        encode = functools.partial(_encode_exact, tok, split_template(template), placeholder_id)
+    out = []
+    for i, (text, (count, build, raw)) in enumerate(zip(texts, encode(texts, True))):  # tokenized once, one batch
+        out.append(build() if max_length is None or count <= max_length
+                   else _truncate(encode, text, count, raw, max_length, i))
     cut = [i for i, e in enumerate(out) if e.truncated]
     if cut and warn:
         warnings.warn(truncation_message(cut, max_length), UserWarning, stacklevel=3)
@@ -222,70 +218,139 @@ class _Tokenize:
                                         "tokens too, so it cannot be split off safely")
 
 
-def _truncate(tokenizer, pieces, text, placeholder_id, max_length, index) -> Encoded:
-    def encode_cut(cut: int) -> Encoded:
-        f_str, markers, span2 = _fill(pieces, text[:cut])
-        enc = tokenizer([f_str])
-        return _splice(enc["input_ids"][0], enc["offset_mapping"][0], markers, span2, placeholder_id)
-
-    # the longest character prefix of the sentence that fits; every {text} slot shrinks with it (echo prompts have
-    # two), so the cut cannot be read off the last slot's token offsets
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encode_cut(mid).ids) <= max_length:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
-    e2 = encode_cut(lo)
-    return Encoded(e2.ids, e2.placeholders, e2.text_span, truncated=True)
+def _slot_starts(pieces: Sequence[str], n: int) -> list[int]:
+    """Where each ``{text}`` slot starts in the marker-free string ``_fill(pieces, text)`` of a text of ``n`` chars."""
+    starts, pos = [], 0
+    for piece in pieces:
+        if piece == TEXT_SLOT:
+            starts.append(pos)
+        pos += n if piece == TEXT_SLOT else 0 if piece == PLACEHOLDER_MARKER else len(piece)
+    return starts
 
 
-def _official_within(tokenizer, template, text, placeholder_id, max_length, index) -> Encoded:
-    """``_encode_official`` cut to the longest prefix of ``text`` that fits ``max_length`` (like exact mode)."""
-    e = _encode_official(tokenizer, template, text, placeholder_id, index)
-    if max_length is None or len(e.ids) <= max_length:
-        return e
-    lo, hi = 0, len(text)  # longest character prefix that fits (token count grows with the prefix)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(_encode_official(tokenizer, template, text[:mid], placeholder_id).ids) <= max_length:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
-    e = _encode_official(tokenizer, template, text[:lo], placeholder_id)
-    return Encoded(e.ids, e.placeholders, e.text_span, truncated=True)
+def _encode_exact(tokenizer, pieces, placeholder_id, texts, check):
+    """Per text, from one tokenizer call: ``(token count, build, raw)``; ``build()`` makes the ``Encoded`` (skipped
+    for a text cut anyway), ``raw`` is ``[(offsets, slot starts)]``. ``check``: refuse special tokens in user text
+    (``_Tokenize.check_text``), text by text as they are yielded."""
+    filled = [_fill(pieces, t) for t in texts]
+    enc = tokenizer([f[0] for f in filled]) if texts else {"input_ids": [], "offset_mapping": []}
+    for i, (text, (_, markers, span)) in enumerate(zip(texts, filled)):
+        ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
+        if check:
+            tokenizer.check_text(ids, offsets, span, i)
+        yield (len(ids) + len(markers), functools.partial(_splice, ids, offsets, markers, span, placeholder_id),
+               [(offsets, _slot_starts(pieces, len(text)))])
 
 
-def _encode_official(tokenizer: Any, template: str, text: str, placeholder_id: int, index: int | None = None) -> Encoded:
+def _chunks(template: str) -> list[list[str]]:
+    """compat=official: the template's pieces between ``<PST>`` markers (tokenized separately)."""
     chunks: list[list[str]] = [[]]
     for p in split_template(template, drop_space=False):
         if p == PLACEHOLDER_MARKER:
             chunks.append([])
         else:
             chunks[-1].append(p)
+    return chunks
+
+
+def _encode_official(tokenizer, chunks, placeholder_id, cache, texts, check):
+    """Like ``_encode_exact`` for compat=official: one tokenizer call per chunk holding ``{text}`` (the others are
+    tokenized once per ``cache``); the first chunk carries the BOS, even when empty."""
+    encs = []
+    for k, chunk in enumerate(chunks):
+        if TEXT_SLOT in chunk:
+            encs.append(tokenizer([_fill(chunk, t)[0] for t in texts], add_special_tokens=(k == 0)) if texts else None)
+        else:
+            if k not in cache:
+                cache[k] = tokenizer([_fill(chunk, "")[0]], add_special_tokens=(k == 0))
+            encs.append(cache[k])
+    for i, text in enumerate(texts):
+        js = [i if TEXT_SLOT in chunk else 0 for chunk in chunks]  # a chunk without {text} is tokenized once
+        rows = [(enc["input_ids"][j], enc["offset_mapping"][j]) for j, enc in zip(js, encs)]
+        if check:  # user text never carries a special token (see _Tokenize)
+            for chunk, (ids, offsets) in zip(chunks, rows):
+                if TEXT_SLOT in chunk:
+                    tokenizer.check_text(ids, offsets, _fill(chunk, text)[2], i)
+        yield (sum(len(ids) for ids, _ in rows) + len(chunks) - 1,
+               functools.partial(_join_official, chunks, rows, text, placeholder_id),
+               [(offsets, _slot_starts(chunk, len(text))) for chunk, (_, offsets) in zip(chunks, rows)
+                if TEXT_SLOT in chunk])
+
+
+def _join_official(chunks, rows, text, placeholder_id) -> Encoded:
     ids: list[int] = []
     placeholders: list[int] = []
     text_tokens: list[int] = []
-    for k, chunk in enumerate(chunks):
+    for k, (chunk, (tok_ids, offsets)) in enumerate(zip(chunks, rows)):
         if k > 0:
             placeholders.append(len(ids))
             ids.append(placeholder_id)
-        s, _, span = _fill(chunk, text)
-        if not s and k > 0:  # the first chunk is tokenized even when empty: it carries the BOS
-            continue
-        enc = tokenizer([s], add_special_tokens=(k == 0))
-        if TEXT_SLOT in chunk and index is not None:  # user text never carries a special token (see _Tokenize)
-            tokenizer.check_text(enc["input_ids"][0], enc["offset_mapping"][0], span, index)
         if TEXT_SLOT in chunk:  # the sentence span is the LAST {text} slot's tokens (as in exact mode)
-            text_tokens = []
-        for tok, (a, b) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
-            if TEXT_SLOT in chunk and a != b and a < span[1] and b > span[0]:
-                text_tokens.append(len(ids))
-            ids.append(tok)
+            span = _fill(chunk, text)[2]
+            text_tokens = [len(ids) + q for q, (a, b) in enumerate(offsets) if a != b and a < span[1] and b > span[0]]
+        ids.extend(tok_ids)
     text_span = (text_tokens[0], text_tokens[-1] + 1) if text_tokens else (len(ids), len(ids))
     return Encoded(tuple(ids), tuple(placeholders), text_span)
+
+
+def _truncate(encode, text, count, raw, max_length, index) -> Encoded:
+    """The longest character prefix of ``text`` whose prompt fits ``max_length`` tokens, found as the binary search
+    over cuts 0..len(text) finds it (every ``{text}`` slot shrinks with the cut: echo prompts have two), but with
+    the tokenizer called only near the cut guessed from the whole text's token offsets (``raw``): typically once."""
+    guess, width = _guess(raw, len(text), count - max_length)
+    seen = {}
+
+    def fits(cuts: list[int]) -> list[bool]:
+        for c, (k, build, _) in zip(cuts, encode([text[:c] for c in cuts], False)):
+            seen[c] = (k, build)
+        return [seen[c][0] <= max_length for c in cuts]
+
+    cut = _longest_fit(fits, len(text), guess, width)
+    if cut == 0:
+        raise InputError(index, f"the prompt alone is longer than the model's limit of {max_length} tokens")
+    e = seen[cut][1]()
+    return Encoded(e.ids, e.placeholders, e.text_span, truncated=True)
+
+
+def _guess(raw, n: int, over: int) -> tuple[int, int]:
+    """The cut that drops ``over`` tokens if every prefix tokenized like the whole text (dropping, in each slot, the
+    tokens that start at or after the cut), and a search width: 4 x the characters per token, at least 16."""
+    starts = sorted(a - s for offsets, slots in raw for s in slots for a, b in offsets if a < b and s <= a < s + n)
+    width = max(16, 4 * -(-n * sum(len(slots) for _, slots in raw) // max(1, len(starts))))
+    return (starts[len(starts) - over] if 0 < over <= len(starts) else 0), width
+
+
+def _longest_fit(fits: Callable[[list[int]], list[bool]], n: int, guess: int, width: int) -> int:
+    """The ``lo`` that the binary search for the largest fitting cut in 0..n ends with, calling ``fits`` (in batches)
+    only for the cuts it probes within ``width`` of ``guess``: a farther probe is taken to fit iff it is at most
+    ``guess``. An answer more than ``width / 2`` from the guess becomes the next guess, with 4 x the width (at
+    ``width >= n`` every probe is real: the plain binary search). So the answer is the binary search's whenever each
+    cut farther than ``width / 2`` from the answer fits iff it is below it; nearer, fitting may go up and down.
+
+    >>> calls = []
+    >>> def fits(cuts):
+    ...     calls.append(cuts)
+    ...     return [c <= 700 or c == 705 for c in cuts]  # 705 fits again (a BPE merge), yet the answer is 700
+    >>> _longest_fit(fits, 1000, 700, 16), calls  # a good guess: one batch, the probes the binary search makes
+    (700, [[687, 702, 694, 698, 700, 701]])
+    >>> calls.clear()
+    >>> _longest_fit(fits, 1000, 680, 16), len(calls)  # 20 off: the window moves, each batch a step of the search
+    (700, 6)
+    """
+    known: dict[int, bool] = {}
+    while True:
+        lo, hi, need = 0, n, []
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ok = known.get(mid)
+            if ok is None:
+                if abs(mid - guess) <= width:
+                    need.append(mid)
+                ok = mid <= guess
+            lo, hi = (mid, hi) if ok else (lo, mid - 1)
+        if need:
+            known.update(zip(need, fits(need)))
+        elif 2 * abs(lo - guess) <= width or width >= n:
+            return lo
+        else:
+            guess, width = lo, 4 * width
