@@ -16,7 +16,6 @@ import statistics
 import time
 
 import tpsurgery
-from tpsurgery.embedder import _max_length
 from tpsurgery.prompts import Encoded, char_bound, encode_prompts
 
 P = 'This sentence : <PST> "{text}" means in one word:"'
@@ -45,7 +44,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     model, tok = tpsurgery.load_model("smollm2-135m")
-    limit = _max_length(model, tok)
+    limit = tpsurgery.apply(model, {}, tokenizer=tok).max_length  # the model's limit
     rng = random.Random(0)
     lines = {"words": " ".join(rng.choice(WORDS) for _ in range(250_000))[:1_000_000], "digits": "0" * 1_000_000}
     char_bound(tok, limit)  # the vocabulary scan is cached per tokenizer: not part of either side
