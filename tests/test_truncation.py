@@ -158,9 +158,9 @@ class Counting:
 @pytest.mark.parametrize("compat", ["exact", "official"])
 @pytest.mark.parametrize("name", ["bytes", "bpe"])
 def test_one_long_text_costs_a_few_tokenizer_calls(name, compat, template):
-    """The binary search called the tokenizer ~log2(characters) + 2 times (14 here; twice that in compat=official
-    with a <PST>: one call per chunk); now: the whole text once, then one batch of the cuts it would probe near the
-    cut guessed from the whole text's token offsets (with two {text} slots, both shrink)."""
+    """The binary search called the tokenizer ~log2(characters) + 2 times (13-15 here; 26-28 in compat=official with
+    a <PST>: one call per chunk; this test fails on that code); now: the whole text once, then one batch of the cuts
+    it would probe near the cut guessed from the whole text's token offsets (with two {text} slots, both shrink)."""
     tok = Counting(tokenizer(name))
     text = " ".join(random.Random(1).choice(WORDS) for _ in range(20_000))
     (row,) = new(tok, template, [text], 512, compat, True)

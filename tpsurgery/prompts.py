@@ -296,7 +296,8 @@ def _join_official(chunks, rows, text, placeholder_id) -> Encoded:
 def _truncate(encode, text, count, raw, max_length, index) -> Encoded:
     """The longest character prefix of ``text`` whose prompt fits ``max_length`` tokens, found as the binary search
     over cuts 0..len(text) finds it (every ``{text}`` slot shrinks with the cut: echo prompts have two), but with
-    the tokenizer called only near the cut guessed from the whole text's token offsets (``raw``): typically once."""
+    the tokenizer called only for its probes near the cut guessed from the whole text's token offsets (``raw``):
+    typically one batch (see ``_longest_fit``)."""
     guess, width = _guess(raw, len(text), count - max_length)
     seen = {}
 
@@ -325,7 +326,8 @@ def _longest_fit(fits: Callable[[list[int]], list[bool]], n: int, guess: int, wi
     only for the cuts it probes within ``width`` of ``guess``: a farther probe is taken to fit iff it is at most
     ``guess``. An answer more than ``width / 2`` from the guess becomes the next guess, with 4 x the width (at
     ``width >= n`` every probe is real: the plain binary search). So the answer is the binary search's whenever each
-    cut farther than ``width / 2`` from the answer fits iff it is below it; nearer, fitting may go up and down.
+    cut farther than ``width / 2`` from the answer fits iff it is below the answer; nearer, fitting may go up and
+    down (BPE merges: a word's prefix can take more tokens than the word).
 
     >>> calls = []
     >>> def fits(cuts):
