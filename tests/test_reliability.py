@@ -121,6 +121,20 @@ def test_an_added_special_token_outside_the_named_ones_is_refused_in_the_text():
     assert turn not in plain.ids
 
 
+def test_a_special_token_in_any_text_slot_is_refused():
+    """Only the last ``{text}`` slot used to be checked: text that completes a special token with the template after
+    the first slot of a two-slot prompt (``a <|tu`` + ``rn|>``) became a real special token unnoticed."""
+    from tokenizers import AddedToken
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken("<|turn|>", special=True, normalized=False)])
+    template = "<|turn|> {text}rn|> then {text}"
+    for compat in ("exact", "official"):
+        assert len(encode_prompts(tok, template, ["a b"], 0, preprocess=False, compat=compat)) == 1
+        with pytest.raises(tpsurgery.InputError, match=r"^input 1: the text contains the special token '<\|turn\|>'"):
+            encode_prompts(tok, template, ["fine", "a <|tu"], 0, preprocess=False, compat=compat)
+
+
 def _short_context_llama(limit: int = 64):
     from transformers import AutoModelForCausalLM
 

@@ -142,8 +142,9 @@ _LONGEST: dict[int, tuple[Any, int]] = {}
 def char_bound(tokenizer: Any, max_length: int) -> int:
     """A number of characters whose every prefix-of-a-text beyond it needs more than ``max_length`` tokens: no token
     spans more characters than the longest vocabulary entry (``L``; 4 L with a normalizer, which may fold characters),
-    so ``(max_length + 2) * L`` characters take at least ``max_length + 2`` tokens. Cutting a text there before tokenizing changes no truncation result (the kept
-    prefix is at most ``max_length`` tokens) and bounds the work of a 1 MB line.
+    so ``(max_length + 2) * L`` characters take at least ``max_length + 2`` tokens. Cutting a text there before
+    tokenizing changes no truncation result (the kept prefix is at most ``max_length`` tokens) and bounds the work of
+    a 1 MB line.
 
     >>> from tpsurgery.testing import tiny_model
     >>> tok = tiny_model("llama")[1]
@@ -207,12 +208,13 @@ class _Tokenize:
         return self.tokenizer(strings, return_offsets_mapping=True, add_special_tokens=add_special_tokens,
                               split_special_tokens=not self.template_has_specials)
 
-    def check_text(self, ids, offsets, span, index) -> None:
-        """With special tokens in the template, a special token inside the user text is refused (InputError)."""
+    def check_text(self, ids, offsets, spans, index) -> None:
+        """With special tokens in the template, a special token inside the user text (any of its ``{text}`` slots'
+        character ``spans``) is refused (InputError)."""
         if not self.template_has_specials:
             return
         for tok, (s, e) in zip(ids, offsets):
-            if tok in self.special_ids and s < e and s < span[1] and e > span[0]:
+            if tok in self.special_ids and s < e and any(s < b and e > a for a, b in spans):
                 name = self.tokenizer.convert_ids_to_tokens(tok)
                 raise InputError(index, f"the text contains the special token {name!r}; the template uses special "
                                         "tokens too, so it cannot be split off safely")
@@ -237,7 +239,7 @@ def _encode_exact(tokenizer, pieces, placeholder_id, texts, check):
     for i, (text, (_, markers, span)) in enumerate(zip(texts, filled)):
         ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
         if check:
-            tokenizer.check_text(ids, offsets, span, i)
+            tokenizer.check_text(ids, offsets, [(a, a + len(text)) for a in _slot_starts(pieces, len(text))], i)
         yield (len(ids) + len(markers), functools.partial(_splice, ids, offsets, markers, span, placeholder_id),
                [(offsets, _slot_starts(pieces, len(text)))])
 
@@ -270,7 +272,7 @@ def _encode_official(tokenizer, chunks, placeholder_id, cache, texts, check):
         if check:  # user text never carries a special token (see _Tokenize)
             for chunk, (ids, offsets) in zip(chunks, rows):
                 if TEXT_SLOT in chunk:
-                    tokenizer.check_text(ids, offsets, _fill(chunk, text)[2], i)
+                    tokenizer.check_text(ids, offsets, [(a, a + len(text)) for a in _slot_starts(chunk, len(text))], i)
         yield (sum(len(ids) for ids, _ in rows) + len(chunks) - 1,
                functools.partial(_join_official, chunks, rows, text, placeholder_id),
                [(offsets, _slot_starts(chunk, len(text))) for chunk, (_, offsets) in zip(chunks, rows)
