@@ -44,7 +44,8 @@ ROW = Encoded(ids=tuple(range(10)), placeholders=(4,), text_span=(6, 8))  # prom
      -1, 1, 0, 0),
     ({"prompt": P, "edits": [{"site": "layer_in", "layers": 1, "rows": "prompt", "op": "scale", "factor": 2}]},
      -1, 1, 0, 0),
-    ({"prompt": P, "edits": [{"site": "layer_out", "layers": 1, "rows": 2, "op": "scale", "factor": 2}]}, -1, 3, 2, 2),
+    # a position from the start: no reuse (the rest of a cut row would count it from the cut)
+    ({"prompt": P, "edits": [{"site": "layer_out", "layers": 1, "rows": 2, "op": "scale", "factor": 2}]}, -1, 3, 2, 0),
     ({"prompt": P, "edits": [{"site": "layer_out", "layers": 1, "rows": {"start": -4, "stop": -2}, "op": "scale",
                               "factor": 2}]}, -4, 4, 6, 4),
     ({"prompt": P, "placeholder": {"mask": "first_layer"}}, -1, 1, 4, 0),  # mask edits: no reuse at all
@@ -75,6 +76,9 @@ EVERY_ROW = [
     {"site": "layer_in", "layers": 2, "rows": "all", "op": "scale", "factor": 1.5},
     {"site": "layer_out", "layers": 0, "rows": 0, "op": "scale", "factor": 3.0},
     {"site": "attn_out_in", "layers": 1, "rows": "prompt", "op": "write", "value": "zeros", "heads": [1]},
+    {"site": "layer_in", "layers": 1, "rows": 2, "op": "scale", "factor": 10.0},  # from the start, inside the prefix
+    {"site": "layer_in", "layers": 1, "rows": [2, 3], "op": "scale", "factor": 10.0},
+    {"site": "layer_in", "layers": 1, "rows": {"start": 2, "stop": 4}, "op": "scale", "factor": 10.0},
 ]
 
 
@@ -86,6 +90,17 @@ def test_prefix_reuse_agrees_with_no_prefix_for_edits_before_the_placeholder(edi
     plain = _embed(model, tok, {**recipe, "edits": []}, prefix_cache=False)
     assert np.abs(on - off).max() <= 1e-5 * np.abs(off).max()
     assert np.abs(off - plain).max() > 1e-3  # the edit does something
+
+
+def test_a_position_from_the_start_is_not_cut_by_prefix_reuse():
+    """Prefix reuse cut rows at the first touched position, then the rest of the row counted ``rows: 7`` from the cut:
+    a short text was refused ("reads 8 positions but this input has 5 tokens") with reuse on and embedded with it off."""
+    model, tok = tiny_model("llama", n_layers=4, hidden=32)
+    recipe = {"prompt": "abcdefgh <PST>{text}", "tp": {"start": 1, "stop": 3},
+              "edits": [{"site": "layer_in", "layers": 1, "rows": 7, "op": "scale", "factor": 10.0}]}
+    on = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=True).encode(["x", "a longer one"])
+    off = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=False).encode(["x", "a longer one"])
+    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-6)
 
 
 def test_a_vector_file_resolves_against_the_recipe_folder_and_its_content_is_in_every_key(tmp_path, monkeypatch):

@@ -136,9 +136,12 @@ class Plan:
 
     @property
     def prefix_reusable(self) -> bool:
-        """Whether keys/values of an unedited prompt prefix may be reused at all (not with attention-mask edits,
-        which replace whole masks)."""
-        return not self.needs_masks
+        """Whether keys/values of an unedited prompt prefix may be reused at all: not with attention-mask edits, which
+        replace whole masks, nor with positions counted from the start (the rest of a cut row would count them from
+        the cut)."""
+        from_start = any(isinstance(p, int) and p >= 0 for rows in self.touches
+                         for p in (rows if isinstance(rows, tuple) else (rows,)))
+        return not (self.needs_masks or from_start)
 
     def prefix_limit(self, row: Encoded) -> int:
         """How many leading tokens of ``row`` may come from a prompt-prefix cache: none touched by an edit or the
