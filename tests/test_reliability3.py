@@ -124,7 +124,7 @@ def test_heatmap_and_variant_outputs_say_how_many_pairs(tmp_path, monkeypatch):
     pairs = load_stsb([SAMPLES], "test")
     res = run_sweep(model, PROMPT, pairs, stops=[2], tokenizer=tok, progress=False)
     res.heatmap(tmp_path / "h.png")
-    found = run_variants(model, tpsurgery.parse_recipe(PROMPT), parse_vary(["tp.alpha=0.5,1"]), pairs, stops=[2],
+    found = run_variants(model, tpsurgery.parse_recipe(PROMPT), parse_vary(["placeholder.init=zeros,ones"]), pairs, stops=[2],
                          tokenizer=tok, progress=False)
     paths = found.write(tmp_path / "v")
     n = f"{len(pairs)} pairs"

@@ -306,3 +306,32 @@ def test_a_baseline_with_exit_auto_is_refused():
         from tpsurgery.tune import against_recipe
 
         against_recipe(tpsurgery.parse_recipe("prompt: '{text}'\nexit_layer: auto"), "recipe")
+
+
+@needs_samples
+@pytest.mark.parametrize("vary, pooling, field", [
+    ({"tp.alpha": [0.3, 1.0]}, None, "tp.alpha"),  # silently replaced by the grid's TP rows before
+    ({"exit_layer": [2, 3]}, None, "exit_layer"),  # every exit is read anyway
+    (None, {"tokens": "last", "layers": [2, 4]}, "pooling.layers"),  # scored one layer, wrote an unloadable recipe
+])
+def test_fields_the_grid_sets_itself_are_refused_not_overridden(tiny, vary, pooling, field):
+    """Found by review: ``--vary tp.alpha`` cells were labelled alpha=0.3 and ran alpha 1; a recipe with
+    ``pooling.layers`` was scored on its deepest layer alone (or crashed on the shipped smollm2-layer-average)."""
+    model, tok = tiny
+    pairs = load_stsb([SAMPLES], "test")
+    data = tpsurgery.parse_recipe(PROMPT).to_dict()
+    if pooling is not None:
+        data = {**{k: v for k, v in data.items() if k != "exit_layer"}, "pooling": pooling}
+    recipe = tpsurgery.parse_recipe(data)
+    with pytest.raises(RecipeError, match=f"`{field}`"):
+        grid_cosines(model, recipe, pairs, stops=[3], exits=[4], vary=vary, tokenizer=tok)
+
+
+def test_sweep_refuses_a_varied_tp_field_unless_it_runs_the_recipes_own_schedule():
+    from tpsurgery.variants import check_swept
+
+    with pytest.raises(RecipeError, match="`tp.alpha`.*--alphas"):
+        check_swept({"tp.alpha": [0.5]})
+    check_swept({"tp.alpha": [0.5], "edits.factor": [1.0]}, own_schedule=True)
+    with pytest.raises(RecipeError, match="`exit_layer`"):
+        check_swept({"exit_layer": [3]}, own_schedule=True)

@@ -257,11 +257,12 @@ def sweep(
     from .api import as_recipe, resolve_model
     from .evaluation import load_task
     from .sweep import run_sweep, write_outputs
-    from .variants import parse_vary, run_variants, variants
+    from .variants import check_swept, parse_vary, run_variants, variants
 
     _split_tasks(task, "sts")
     grid = parse_vary(vary or [])
     if grid:
+        check_swept(grid, own_schedule)
         variants(as_recipe(recipe), grid)  # every variant is a valid recipe before any model is loaded
     pairs = load_task(task, data_dirs(data_dir, hub), limit, spread_mode(spread, spread_by), hub)
     with quiet(not progress):

@@ -48,7 +48,7 @@ from .sharing import layer_runs
 from .stats import RESAMPLES, bootstrap, interval, spearman
 from .sweep import grid, pair_cosines, row_plans
 from .sweep_store import pairs_digest
-from .variants import variants
+from .variants import check_swept, variants
 
 
 TIE_TOP = 50  # the chosen cell is compared with at most this many - 1 next-best cells for ties
@@ -110,6 +110,11 @@ def grid_cosines(model: Any, recipe: Any, pairs: Any, *, vary: dict | None = Non
     once with the baseline (:func:`against_recipe`); variants with the same templates share one pass."""
     recipe = as_recipe(recipe)
     base = against_recipe(recipe, against)
+    check_swept(vary or {})
+    for r, who in ((recipe, "the tuned recipe"), (base, "the baseline")):
+        if not isinstance(r.pooling, str) and r.pooling.layers is not None:
+            raise RecipeError("pooling.layers", f"{who} reads several layers; tune scores one exit layer per cell: "
+                                                "remove pooling.layers (compare such recipes with eval + compare)")
     todo = variants(recipe, vary) if vary else [("", recipe)]
     groups: dict[str, list] = {}
     for label, variant in todo:

@@ -3,8 +3,9 @@
 ``tpsurgery sweep --vary edits.layers=3,5,7 --vary edits.factor=0.5,2`` sweeps Contrastive Prompting's layer l and
 factor C: each combination is a recipe of its own, swept over every exit layer (and the TP rows of
 :func:`tpsurgery.sweep.grid`) and stored where ``exit_layer: auto`` finds it. A field is a dotted path into the recipe
-(``tp.alpha``, ``placeholder.init``, ``edits.0.factor``); a path through a list without an index (``edits.factor``)
-sets the field on every element that has it.
+(``placeholder.init``, ``edits.0.factor``; ``tp.*`` with ``--own-schedule`` only: otherwise the sweep's TP rows replace
+the recipe's ``tp``, and never ``exit_layer``: every exit is read anyway); a path through a list without an index
+(``edits.factor``) sets the field on every element that has it.
 
 >>> from tpsurgery.recipe import parse_recipe
 >>> cp = parse_recipe('''
@@ -188,10 +189,31 @@ class VariantSweeps:
                 "best": atomic_write(out / "best.yaml", dump_recipe(self.best_recipe()))}
 
 
+def check_swept(vary: dict[str, list], own_schedule: bool = False) -> None:
+    """Refuse varied fields that a sweep sets itself, which would be overridden without a word: ``exit_layer`` (every
+    exit is read from one pass) and, unless the sweep runs the recipe's own schedule, ``tp`` (the TP rows of
+    :func:`tpsurgery.sweep.grid` replace it).
+
+    >>> check_swept({"tp.alpha": [0.5, 1.0]})
+    Traceback (most recent call last):
+    ...
+    tpsurgery.errors.RecipeError: recipe field `tp.alpha`: is set by the sweep's TP rows (--starts / --stops / --alphas replace the recipe's `tp`): vary TP with those, or use --own-schedule (tpsurgery sweep)
+    """
+    for path in vary:
+        if path == "exit_layer" or path.startswith("exit_layer."):
+            raise RecipeError(path, "a sweep reads every exit layer from one pass: compare exits in its table "
+                                    "(tpsurgery tune: --exits), not with --vary")
+        if (path == "tp" or path.startswith("tp.")) and not own_schedule:
+            raise RecipeError(path, "is set by the sweep's TP rows (--starts / --stops / --alphas replace the "
+                                    "recipe's `tp`): vary TP with those, or use --own-schedule (tpsurgery sweep)")
+
+
 def run_variants(model: Any, recipe: Recipe, vary: dict[str, list], pairs: Any, **sweep_kw: Any) -> VariantSweeps:
     """Sweep every variant of ``recipe`` (:func:`variants`) with :func:`tpsurgery.sweep.run_sweep` and store each
     sweep in the cache (``exit_layer: auto`` of a variant recipe finds its own)."""
     from .sweep import run_sweep
+
+    check_swept(vary, sweep_kw.get("own_schedule", False))
 
     labels, sweeps = [], []
     n_layers = None
