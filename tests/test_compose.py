@@ -235,6 +235,14 @@ def test_misuse_is_refused_with_what_to_do(models):
         with nn.trace(TEXTS, template=0) as run:
             run.stop()
         run.embeddings
+    with nn.trace(TEXTS, template=0) as run:  # stopped after layer 0, before the recipe's TP at layer 1 (review:
+        first = run.layers[0].output.save()  # nnsight's OutOfOrderError escaped the block)
+        run.stop()
+    assert first is not None
+    with pytest.raises(BackendError, match="stop the trace only after the exit layer"):
+        run.embeddings
+    with pytest.raises(InputError, match="template=True"):
+        nn.trace(TEXTS, template=True)
     mean = _apply(models, "llama", "prompt: '<PST> {text} means'\npooling: mean")
     with pytest.raises(InputError, match="input 1: mean pooling needs"):
         mean.trace(["a", ""])

@@ -60,7 +60,7 @@ def recipe_batch(emb: Any, texts: str | Sequence[str], template: int | None = No
         raise InputError(None, f"the recipe has {len(templates)} prompts and encode averages over them; pick one with "
                                f"template=0..{len(templates) - 1}")
     k = template or 0
-    if not 0 <= k < len(templates):
+    if isinstance(template, bool) or not isinstance(k, int) or not 0 <= k < len(templates):
         raise InputError(None, f"template={k}: the recipe has {len(templates)} prompt(s) (0..{len(templates) - 1})")
     plan = emb.plan
     rows = emb.tokenize(texts, templates[k])
@@ -158,11 +158,14 @@ def trace(emb: Any, texts: str | Sequence[str], template: int | None = None) -> 
     plan_schedule = schedule(plan)
     walk = Walk(plan, batch, captured, masks)
 
-    def recipe() -> None:  # the recipe's edits and reads, as an nnsight edit's body (no stop: the model runs on)
-        for point in plan_schedule.points:
-            visit(point, walk)
+    from nnsight.intervention.interleaver import Mediator, OutOfOrderError
 
-    from nnsight.intervention.interleaver import Mediator
+    def recipe() -> None:  # the recipe's edits and reads, as an nnsight edit's body (no stop: the model runs on)
+        try:
+            for point in plan_schedule.points:
+                visit(point, walk)
+        except OutOfOrderError:  # the user's run.stop() before the exit: the short walk makes embeddings say so
+            return
 
     twin = envoy._shallow_copy()  # its own edit list: the envoy's stored edits, then the recipe's
     twin._edits = [*twin._edits, Mediator(compile("__tpsurgery_recipe__()", "<tpsurgery recipe>", "exec"),
