@@ -335,3 +335,12 @@ def test_sweep_refuses_a_varied_tp_field_unless_it_runs_the_recipes_own_schedule
     check_swept({"tp.alpha": [0.5], "edits.factor": [1.0]}, own_schedule=True)
     with pytest.raises(RecipeError, match="`exit_layer`"):
         check_swept({"exit_layer": [3]}, own_schedule=True)
+
+
+def test_stops_that_leave_no_tp_row_are_an_error_not_a_grid_of_exits_only():
+    from tpsurgery.sweep import grid
+
+    recipe = tpsurgery.parse_recipe(PROMPT)
+    assert [label for label, _ in grid(recipe, 4, stops=[3, 9])] == ["no TP", "TP [1,3)"]  # 9: another model's
+    with pytest.raises(InputError, match=r"no TP row: stops \[9, 12\]"):
+        grid(recipe, 4, stops=[9, 12])

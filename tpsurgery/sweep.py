@@ -154,6 +154,8 @@ def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, star
     >>> from tpsurgery.recipe import parse_recipe
     >>> [label for label, _ in grid(parse_recipe("prompt: '<PST> {text}'"), 4, stops=[2, 9], starts=[0, 1])]
     ['no TP', 'TP [0,2)', 'TP [1,2)']
+
+    Stops beyond the model are left out (one list serves models of several depths); none left is an error.
     """
     if not any(PLACEHOLDER_MARKER in t for t in recipe.templates):
         return [("no TP", {})]
@@ -164,6 +166,9 @@ def grid(recipe: Recipe, n_layers: int, stops: Sequence[int] | None = None, star
                 if s < k <= n_layers:
                     label = f"TP [{s},{k})" + (f" a={a:g}" if len(alphas) > 1 or a != 1.0 else "")
                     rows.append((label, {"start": s, "stop": k, "alpha": a, "source": recipe.tp.source}))
+    if stops is not None and not any(label != "no TP" for label, _ in rows):
+        raise InputError(None, f"no TP row: stops {list(stops)} with starts {list(starts)} give no span "
+                               f"start < stop <= {n_layers} (this model's decoder layers)")
     return rows
 
 
