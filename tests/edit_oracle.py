@@ -1,7 +1,8 @@
 """A plain-hook reference for edit lists (issue 12): one unpadded sentence, edits applied row by row by forward hooks
 on the Hugging Face modules, written without tpsurgery's engine (not its surgery functions, arch table or plans).
 
-Sites: ``embed`` = forward hook on the token embedding; ``layer_in`` = forward pre-hook on decoder layer i;
+Sites: ``embed`` = forward hook on the token embedding (Granite, which multiplies the embedding output inside the
+model: layer 0's input, i.e. ``hidden_states[0]``); ``layer_in`` = forward pre-hook on decoder layer i;
 ``attn_out_in`` = forward pre-hook on layer i's attention output projection (paths below, checked by the CP helper
 against each family's head layout); ``layer_out`` = forward hook on decoder layer i. The read is hidden_states[M]:
 layer 0's input before its edits (M = 0), layer M-1's output after its edits, or the final norm's output (M = n).
@@ -97,8 +98,10 @@ def _run(model, ids, hooks):
 def _site_hooks(model, site: str, layer: int, fn):
     """Hook registrations that pass the site's tensor through ``fn`` (returning the replacement or None)."""
     layers, embed, _, _ = decoder_parts(model)
-    if site == "embed":
+    if site == "embed" and getattr(model.config, "embedding_multiplier", 1.0) == 1.0:
         return lambda: embed.register_forward_hook(lambda m, a, out: fn(out))
+    if site == "embed":  # Granite scales the embedding output inside the model: hidden_states[0] is layer 0's input
+        site, layer = "layer_in", 0
     if site == "layer_in":
         def pre(m, args, kwargs):
             new = fn(_hidden_arg(args, kwargs))
@@ -139,14 +142,20 @@ def reference_read(model, ids: list[int], placeholders: list[int], edits: list[d
 
     def keep(t):
         read["h"] = t[0].clone()  # returns None: the tensor flows on unchanged
-    if exit_layer == 0:
-        hooks.append(_site_hooks(model, "layer_in", 0, keep))
     groups: dict = {}
     for e in edits:
         groups.setdefault((e["site"], e["layer"]), []).append(e)
-    for (site, layer), group in groups.items():
-        hooks.append(_site_hooks(model, site, layer,
-                                 lambda t, g=group: apply_row_edits(t, g, placeholders, captured, n_heads, text_span)))
+
+    def edit_hook(site, layer):
+        group = groups[(site, layer)]
+        return _site_hooks(model, site, layer,
+                           lambda t: apply_row_edits(t, group, placeholders, captured, n_heads, text_span))
+    # embed edits, then the read of hidden_states[0], then the rest: on Granite the embed site is layer 0's input too,
+    # and pre-hooks of one module run in registration order
+    hooks += [edit_hook(*key) for key in groups if key[0] == "embed"]
+    if exit_layer == 0:
+        hooks.append(_site_hooks(model, "layer_in", 0, keep))
+    hooks += [edit_hook(*key) for key in groups if key[0] != "embed"]
     if 0 < exit_layer < n:
         hooks.append(_site_hooks(model, "layer_out", exit_layer - 1, keep))
     elif exit_layer == n:

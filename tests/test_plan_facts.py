@@ -103,6 +103,16 @@ def test_a_position_from_the_start_is_not_cut_by_prefix_reuse():
     np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-6)
 
 
+def test_prefix_reuse_leaves_the_rows_that_collation_requires():
+    """``tp.source: -2`` with no TP layer still makes inputs need 2 tokens; prefix reuse cut '::' to one token and the
+    rest of the row was refused (found at the lowest dependency versions' hypothesis draws)."""
+    model, tok = tiny_model("llama", n_layers=4, hidden=32)
+    recipe = {"prompt": "{text}::", "exit_layer": 0, "tp": {"spans": [], "source": -2}}
+    on = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=True).encode([""])
+    off = tpsurgery.apply(model, recipe, tokenizer=tok, prefix_cache=False).encode([""])
+    np.testing.assert_array_equal(on, off)
+
+
 def test_a_vector_file_resolves_against_the_recipe_folder_and_its_content_is_in_every_key(tmp_path, monkeypatch):
     from tpsurgery.cache import plan_key
     from tpsurgery.sweep_store import sweep_path

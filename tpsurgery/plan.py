@@ -145,11 +145,12 @@ class Plan:
 
     def prefix_limit(self, row: Encoded) -> int:
         """How many leading tokens of ``row`` may come from a prompt-prefix cache: none touched by an edit or the
-        read, all before the sentence and the first placeholder, at least one token left (0: no reuse)."""
+        read, all before the sentence and the first placeholder, at least :attr:`min_length` tokens left (collation
+        checks the rest of the row; 0: no reuse)."""
         if not self.prefix_reusable:
             return 0
         n = len(row.ids)
-        return max(0, min([self.first_touched(row), row.text_span[0], n - 1, *row.placeholders[:1]]))
+        return max(0, min([self.first_touched(row), row.text_span[0], n - self.min_length, *row.placeholders[:1]]))
 
     @property
     def min_length(self) -> int:
