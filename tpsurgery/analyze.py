@@ -35,7 +35,9 @@ import torch
 
 from .arch import get_path
 from .errors import InputError, ModelError, RecipeError
+from .plots import agg_figure
 from .recipe import Recipe
+from .textio import chunked
 
 
 def without_tp(recipe: Recipe) -> Recipe:
@@ -48,11 +50,6 @@ def without_tp(recipe: Recipe) -> Recipe:
     if recipe.tp.empty:
         raise RecipeError("tp", "the recipe has no TP to remove; give the baseline recipe explicitly")
     return recipe.replace(tp={}, name=f"{recipe.name or 'recipe'} without tp")
-
-
-def _chunks(texts: Sequence[str], size: int) -> Iterator[list[str]]:
-    for k in range(0, len(texts), size):
-        yield list(texts[k:k + size])
 
 
 def _check_layers(emb: Any, layers: Sequence[int]) -> list[int]:
@@ -86,7 +83,7 @@ def dependency_scores(emb: Any, texts: Sequence[str], layers: Sequence[int], bat
     sentence token)."""
     js = _check_layers(emb, layers)
     out: dict[int, list[float]] = {j: [] for j in js}
-    for chunk in _chunks(texts, batch_size):
+    for _, chunk in chunked(iter(texts), batch_size):
         saved: list = []
         with torch.no_grad():
             with emb.trace(chunk, template=template) as run:
@@ -137,7 +134,7 @@ def attention_mass(emb: Any, texts: Sequence[str], batch_size: int = 16, templat
     sums: dict[str, Any] = {"sentence": 0.0, "last": 0.0}
     counts = {"sentence": 0, "last": 0}
     with eager_attention(emb.model):
-        for chunk in _chunks(texts, batch_size):
+        for _, chunk in chunked(iter(texts), batch_size):
             saved: list = []
             with torch.no_grad():
                 with emb.trace(chunk, template=template) as run:
@@ -195,23 +192,11 @@ def dependency_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(width: float, height: float) -> Any:
-    from .errors import import_extra
-
-    import_extra("matplotlib", "eval", "analysis plots")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def dependency_plot(report: dict[str, Any], path: Any) -> None:
     """Box plot (PNG): per layer, one box per recipe of the sentence-level Spearman scores x100."""
     labels = list(report["results"])
     layers = list(report["results"][labels[0]])
-    fig = _figure(max(5.0, 1.4 * len(layers) * len(labels)), 4.5)
+    fig = agg_figure(max(5.0, 1.4 * len(layers) * len(labels)), 4.5, "analysis plots")
     ax = fig.add_subplot()
     width = 0.8 / len(labels)
     for k, lab in enumerate(labels):
@@ -258,7 +243,7 @@ def attention_plot(report: dict[str, Any], path: Any) -> None:
     top = max([float(np.nanmax(m)) for _, _, m in panels if m.size] + [1e-9])
     cols = 2
     rows = (len(panels) + 1) // cols
-    fig = _figure(4.2 * cols, 3.6 * rows)
+    fig = agg_figure(4.2 * cols, 3.6 * rows, "analysis plots")
     for k, (lab, kind, m) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
         im = ax.imshow(m, aspect="auto", origin="lower", vmin=0.0, vmax=top, cmap="viridis")

@@ -31,7 +31,6 @@ On the TransformerLens backend, :func:`hooks` gives the same interventions as a 
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -63,10 +62,7 @@ def recipe_batch(emb: Any, texts: str | Sequence[str], template: int | None = No
     if isinstance(template, bool) or not isinstance(k, int) or not 0 <= k < len(templates):
         raise InputError(None, f"template={k}: the recipe has {len(templates)} prompt(s) (0..{len(templates) - 1})")
     plan = emb.plan
-    rows = emb.tokenize(texts, templates[k])
-    if plan.runs:
-        aux = [(name, emb.tokenize(texts, t, warn=False)) for name, t in plan.runs]
-        rows = [replace(r, others=tuple((name, enc[i]) for name, enc in aux)) for i, r in enumerate(rows)]
+    rows = emb.tokenize_with_runs(texts, templates[k], plan)
     if plan.pooling == "mean":
         for i, r in enumerate(rows):
             if r.text_span[0] == r.text_span[1]:

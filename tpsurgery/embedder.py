@@ -135,6 +135,15 @@ class Embedder:
             preprocess=self.recipe.preprocessing, max_length=self.max_length, compat=self.recipe.compat, warn=warn,
         )
 
+    def tokenize_with_runs(self, texts: Sequence[str], template: str, plan: Plan, warn: bool = True) -> list[Encoded]:
+        """:meth:`tokenize`, each row carrying the same sentence in the plan's auxiliary prompts (``Encoded.others``,
+        collated alongside as ``Batch.others``)."""
+        rows = self.tokenize(texts, template, warn=warn)
+        if plan.runs:
+            aux = [(name, self.tokenize(texts, t, warn=False)) for name, t in plan.runs]
+            rows = [replace(r, others=tuple((name, enc[k]) for name, enc in aux)) for k, r in enumerate(rows)]
+        return rows
+
     def batches(self, rows: Sequence[Encoded], batch_size: int, plan: Plan | None = None, exact_length: bool = False,
                 max_tokens: int | None = None):
         """Yield ``(indices, Batch)`` in descending length order (less padding); indices restore the order.
@@ -308,10 +317,7 @@ class Embedder:
         row of shape ``tail`` per text; prompt-prefix reuse, token budgets and out-of-memory splits as in ``encode``);
         rows back in order. Adds the indices of truncated texts to ``truncated``; ``progress`` advances and
         ``on_batch(indices, values)`` is called as each batch finishes."""
-        rows = self.tokenize(texts, template, warn=False)
-        if plan.runs:  # the same sentences in the auxiliary prompts, batched alongside (Batch.others)
-            aux = [(name, self.tokenize(texts, t, warn=False)) for name, t in plan.runs]
-            rows = [replace(r, others=tuple((name, enc[k]) for name, enc in aux)) for k, r in enumerate(rows)]
+        rows = self.tokenize_with_runs(texts, template, plan, warn=False)
         truncated.update(i for i, r in enumerate(rows) if r.truncated)
         prefix = self._prefix(rows, plan)  # the shared prompt prefix's keys/values, or None
         if prefix is not None:

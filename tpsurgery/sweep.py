@@ -37,9 +37,10 @@ from .backends import ResumableBackend
 from .batching import Progress
 from .buildinfo import build_info
 from .cache import model_fingerprint  # exact (every weight), memoized; also keys the embedding cache
-from .errors import InputError, TpsurgeryError, import_extra
+from .errors import InputError, TpsurgeryError
 from .evaluation import _atomic_write_text, cosine, spearman100
 from .plan import compile_plan
+from .plots import agg_figure
 from .resources import renumbered
 from .recipe import PLACEHOLDER_MARKER, Recipe, dump_recipe
 from .sharing import encode_schedules, layer_runs, share_groups
@@ -117,14 +118,10 @@ class SweepResult:
 
     def heatmap(self, path: str | os.PathLike) -> Path:
         """Write a heatmap PNG (rows: TP schedules, columns: exit layer M; the best cell boxed). Agg, no GUI."""
-        import_extra("matplotlib", "eval", "sweep heatmaps")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        grid = np.array([r["scores"] for r in self.rows], dtype=np.float64)
+        fig = agg_figure(max(6.0, 0.32 * grid.shape[1] + 2.5), max(2.5, 0.4 * grid.shape[0] + 1.5), "sweep heatmaps")
         from matplotlib.patches import Rectangle
 
-        grid = np.array([r["scores"] for r in self.rows], dtype=np.float64)
-        fig = Figure(figsize=(max(6.0, 0.32 * grid.shape[1] + 2.5), max(2.5, 0.4 * grid.shape[0] + 1.5)))
-        FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_yticks(range(len(self.rows)), [r["label"] for r in self.rows])

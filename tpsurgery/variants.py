@@ -37,7 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from .errors import RecipeError, import_extra
+from .errors import RecipeError
+from .plots import agg_figure
 from .recipe import Recipe, parse_recipe
 
 
@@ -150,12 +151,7 @@ class VariantSweeps:
 
     def curves(self, path: str | Path) -> Path:
         """Spearman x100 against the exit layer, one line per variant and TP row (PNG, Agg backend)."""
-        import_extra("matplotlib", "eval", "exit-layer curves")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(8, 4.5))
-        FigureCanvasAgg(fig)
+        fig = agg_figure(8, 4.5, "exit-layer curves")
         ax = fig.add_subplot()
         for label, res in zip(self.labels, self.sweeps):
             for row in res.rows:
